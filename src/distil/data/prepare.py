@@ -1,0 +1,367 @@
+"""`distil prepare`: text files -> framed, cleaned token ids in memory-mapped shards + token counts.
+
+The seed pickled a Python list of arrays (RAM grows with the corpus) and tokenized one line at a time.
+Here lines stream through the Rust tokenizer in large batches (it uses every core and releases the GIL,
+so the next batch is encoded while this one is framed), framing/splitting/filtering is vectorised in
+numpy, and ids are appended to flat files. Memory stays flat in corpus size and output is byte-identical
+for identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from distil.data import shards
+from distil.data.textfiles import ReadStats, check_input_files, input_size, iter_lines
+from distil.errors import DistilError
+from distil.outputs import atomic_output_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+LENGTH_HISTOGRAM_CAP = 1 << 16
+
+
+@dataclass(frozen=True)
+class Framing:
+    """The special tokens a sequence starts and ends with, taken from the tokenizer itself."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
+def framing_for(tokenizer) -> Framing:
+    """What the tokenizer adds around one sequence; end-of-text on both sides when it adds nothing.
+
+    BERT-family tokenizers add [CLS] ... [SEP] and RoBERTa-family <s> ... </s> on their own. GPT-2-family
+    tokenizers add nothing; like the seed, such sequences are framed with the end-of-text token on both
+    sides so that the model sees document boundaries.
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if bare and framed and len(framed) > len(bare):
+        start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
+        prefix, suffix = tuple(framed[:start]), tuple(framed[start + len(bare):])
+    else:
+        prefix, suffix = (), ()
+    boundary = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if not prefix and not suffix and boundary is None:
+        raise DistilError(
+            "The tokenizer adds no special tokens and has neither a beginning- nor an end-of-text token, so "
+            "sequences cannot be framed. Use a tokenizer with [CLS]/[SEP], <s>/</s> or an end-of-text token."
+        )
+    if not prefix and boundary is not None:
+        prefix = (boundary,)
+    if not suffix and end is not None:
+        suffix = (end,)
+    return Framing(prefix, suffix)
+
+
+@dataclass
+class SplitWriter:
+    """Appends framed sequences of one split to its token and offset files."""
+
+    root: Path
+    split: str
+    dtype: np.dtype
+    vocab_size: int
+    count_tokens: bool
+    sequences: int = 0
+    tokens: int = 0
+    length_hist: np.ndarray = field(default_factory=lambda: np.zeros(LENGTH_HISTOGRAM_CAP, dtype=np.int64))
+    counts: np.ndarray | None = None
+
+    def __post_init__(self):
+        self._tokens = open(shards.tokens_path(self.root, self.split), "wb")
+        self._offsets = open(shards.offsets_path(self.root, self.split), "wb")
+        self._offsets.write(np.zeros(1, dtype="<i8").tobytes())
+        if self.count_tokens:
+            self.counts = np.zeros(self.vocab_size, dtype=np.int64)
+
+    def write(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        if len(lengths) == 0:
+            return
+        self._tokens.write(ids.astype(self.dtype, copy=False).tobytes())
+        ends = self.tokens + np.cumsum(lengths, dtype=np.int64)
+        self._offsets.write(ends.astype("<i8").tobytes())
+        self.tokens = int(ends[-1])
+        self.sequences += len(lengths)
+        self.length_hist += np.bincount(np.minimum(lengths, LENGTH_HISTOGRAM_CAP - 1), minlength=LENGTH_HISTOGRAM_CAP)
+        if self.counts is not None:
+            self.counts += np.bincount(ids, minlength=self.vocab_size)[: self.vocab_size]
+
+    def close(self) -> dict:
+        self._tokens.close()
+        self._offsets.close()
+        return {"sequences": self.sequences, "tokens": self.tokens, **_length_stats(self.length_hist)}
+
+
+def _length_stats(hist: np.ndarray) -> dict:
+    total = int(hist.sum())
+    if total == 0:
+        return {"length_min": 0, "length_max": 0, "length_mean": 0.0, "length_p50": 0, "length_p95": 0}
+    nonzero = np.nonzero(hist)[0]
+    cdf = np.cumsum(hist)
+    lengths = np.arange(len(hist))
+    return {
+        "length_min": int(nonzero[0]),
+        "length_max": int(nonzero[-1]),
+        "length_mean": round(float((hist * lengths).sum() / total), 3),
+        "length_p50": int(np.searchsorted(cdf, 0.5 * total)),
+        "length_p95": int(np.searchsorted(cdf, 0.95 * total)),
+    }
+
+
+@dataclass
+class CleaningStats:
+    sequences_in: int = 0
+    split_lines: int = 0
+    extra_chunks: int = 0
+    dropped_short: int = 0
+    dropped_unknown: int = 0
+
+
+def frame_and_clean(
+    ids_per_line: list[list[int]],
+    framing: Framing,
+    max_length: int,
+    min_length: int,
+    unk_id: int | None,
+    max_unk_fraction: float,
+    stats: CleaningStats,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut long lines into chunks, frame every chunk, drop short and mostly-unknown ones (vectorised).
+
+    Returns the framed ids back to back and the length of each kept sequence.
+    """
+    body_max = max_length - framing.size
+    line_lens = np.fromiter((len(x) for x in ids_per_line), dtype=np.int64, count=len(ids_per_line))
+    flat = np.fromiter((t for x in ids_per_line for t in x), dtype=np.int64, count=int(line_lens.sum()))
+    stats.sequences_in += len(line_lens)
+
+    # Chunking: a line of L body tokens becomes ceil(L / body_max) chunks, the last one possibly short.
+    n_chunks = np.maximum(1, -(-line_lens // body_max))
+    long_lines = n_chunks > 1
+    stats.split_lines += int(long_lines.sum())
+    stats.extra_chunks += int((n_chunks - 1).sum())
+    line_starts = np.cumsum(line_lens) - line_lens
+    chunk_line = np.repeat(np.arange(len(line_lens)), n_chunks)
+    chunk_rank = np.arange(len(chunk_line)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    body_starts = line_starts[chunk_line] + chunk_rank * body_max
+    body_lens = np.minimum(body_max, line_lens[chunk_line] - chunk_rank * body_max)
+    framed_lens = body_lens + framing.size
+
+    keep = framed_lens >= min_length
+    stats.dropped_short += int((~keep).sum())
+    if unk_id is not None and len(flat):
+        is_unk = np.concatenate(([0], np.cumsum(flat == unk_id)))
+        unk_per_chunk = is_unk[body_starts + body_lens] - is_unk[body_starts]
+        too_unknown = keep & (unk_per_chunk >= max_unk_fraction * framed_lens)
+        stats.dropped_unknown += int(too_unknown.sum())
+        keep &= ~too_unknown
+    body_starts, body_lens, framed_lens = body_starts[keep], body_lens[keep], framed_lens[keep]
+
+    out_starts = np.cumsum(framed_lens) - framed_lens
+    out = np.empty(int(framed_lens.sum()), dtype=np.int64)
+    for j, tok in enumerate(framing.prefix):
+        out[out_starts + j] = tok
+    for j, tok in enumerate(framing.suffix):
+        out[out_starts + len(framing.prefix) + body_lens + j] = tok
+    # Gather every body token: position k inside chunk c goes from flat[body_starts[c] + k]
+    # to out[out_starts[c] + len(prefix) + k].
+    total_body = int(body_lens.sum())
+    within = np.arange(total_body) - np.repeat(np.cumsum(body_lens) - body_lens, body_lens)
+    out[np.repeat(out_starts + len(framing.prefix), body_lens) + within] = flat[np.repeat(body_starts, body_lens) + within]
+    return out, framed_lens
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _resolve_max_length(tokenizer, max_length: int | None, framing: Framing) -> int:
+    if max_length is None:
+        model_max = getattr(tokenizer, "model_max_length", None) or 512
+        max_length = int(min(model_max, 512))
+    if max_length <= framing.size:
+        raise DistilError(
+            f"--max-length {max_length} leaves no room for text once the {framing.size} framing tokens are added. "
+            "Use a larger value (BERT-style models usually take 512)."
+        )
+    return max_length
+
+
+def _apply_thread_count(threads: int | None) -> None:
+    # The Rust tokenizer sizes its thread pool from these on first use.
+    if threads is not None:
+        if threads < 1:
+            raise DistilError(f"--threads must be at least 1, got {threads}.")
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer: str,
+    output_dir: str,
+    heldout_fraction: float = 0.0,
+    heldout_files: list[str] | None = None,
+    max_length: int | None = None,
+    min_length: int = 12,
+    max_unk_fraction: float = 0.5,
+    text_field: str = "text",
+    skip_bad_lines: bool = False,
+    batch_size: int = 2000,
+    threads: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` into `output_dir`; returns the manifest (also written as manifest.json)."""
+    from distil.loading import load_tokenizer
+
+    heldout_files = list(heldout_files or [])
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise DistilError(f"--heldout must be a fraction in [0, 1), got {heldout_fraction}.")
+    if heldout_fraction and heldout_files:
+        raise DistilError("Give either --heldout FRACTION or --heldout-file FILE, not both.")
+    if not 0.0 < max_unk_fraction <= 1.0:
+        raise DistilError(f"--max-unk-fraction must be in (0, 1], got {max_unk_fraction}.")
+    if batch_size < 1:
+        raise DistilError(f"--batch-size must be at least 1, got {batch_size}.")
+    train_paths = check_input_files(inputs)
+    heldout_paths = check_input_files(heldout_files) if heldout_files else []
+    _apply_thread_count(threads)
+
+    tok = load_tokenizer(tokenizer)
+    framing = framing_for(tok)
+    max_length = _resolve_max_length(tok, max_length, framing)
+    vocab_size = len(tok)
+    dtype = shards.token_dtype(vocab_size)
+    encoder = tok.backend_tokenizer
+    encoder.no_truncation()
+    encoder.no_padding()
+    unk_id = tok.unk_token_id
+
+    started = time.perf_counter()
+    read_stats = ReadStats()
+    cleaning = CleaningStats()
+    total_bytes = input_size(train_paths + heldout_paths)
+    rng = np.random.default_rng(seed)
+
+    def encode(batch: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in encoder.encode_batch(batch, add_special_tokens=False)]
+
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        writers = {
+            "train": SplitWriter(tmp, "train", dtype, vocab_size, count_tokens=True),
+            "heldout": SplitWriter(tmp, "heldout", dtype, vocab_size, count_tokens=False),
+        }
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
+        sources = [("train", p) for p in train_paths] + [("heldout", p) for p in heldout_paths]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for split, path in sources:
+                lines = iter_lines(path, read_stats, text_field=text_field, skip_bad_lines=skip_bad_lines)
+                pending = None
+                # Pipeline: the Rust tokenizer encodes batch k+1 (GIL released) while numpy frames batch k.
+                for batch in _batches(lines, batch_size):
+                    future = pool.submit(encode, batch)
+                    if pending is not None:
+                        _write_batch(pending.result(), split, writers, framing, max_length, min_length, unk_id,
+                                     max_unk_fraction, heldout_fraction, rng, cleaning)
+                    pending = future
+                    bar.update(read_stats.bytes_done - bar.n)
+                if pending is not None:
+                    _write_batch(pending.result(), split, writers, framing, max_length, min_length, unk_id,
+                                 max_unk_fraction, heldout_fraction, rng, cleaning)
+                bar.update(read_stats.bytes_done - bar.n)
+        bar.close()
+        split_stats = {name: w.close() for name, w in writers.items()}
+        if split_stats["train"]["sequences"] == 0:
+            raise DistilError(
+                f"No training sequences were left after cleaning ({read_stats.lines} lines read, "
+                f"{cleaning.dropped_short} shorter than --min-length {min_length}, {cleaning.dropped_unknown} mostly unknown "
+                "tokens). Check the input text and tokenizer, or lower --min-length."
+            )
+        np.save(tmp / shards.TOKEN_COUNTS, writers["train"].counts, allow_pickle=False)
+        manifest = {
+            "format_version": shards.FORMAT_VERSION,
+            "tokenizer": {
+                "name_or_path": tokenizer,
+                "class": type(tok).__name__,
+                "vocab_fingerprint": shards.vocabulary_fingerprint(tok),
+            },
+            "vocab_size": vocab_size,
+            "token_dtype": dtype.str,
+            "special_ids": {
+                "prefix": list(framing.prefix), "suffix": list(framing.suffix),
+                "pad": tok.pad_token_id, "unk": tok.unk_token_id, "mask": tok.mask_token_id,
+                "bos": tok.bos_token_id, "eos": tok.eos_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+                "all": sorted(set(tok.all_special_ids)),
+            },
+            "max_length": max_length,
+            "min_length": min_length,
+            "max_unk_fraction": max_unk_fraction,
+            "heldout": {"fraction": heldout_fraction, "files": [str(p) for p in heldout_paths], "seed": seed},
+            "inputs": [str(p) for p in train_paths],
+            "lines": {"read": read_stats.lines, "empty": read_stats.empty, "bad_skipped": read_stats.bad},
+            "cleaning": vars(cleaning),
+            "splits": split_stats,
+        }
+        write_json_atomic(tmp / shards.MANIFEST, manifest)
+    elapsed = time.perf_counter() - started
+    _report(manifest, read_stats, elapsed, output_dir)
+    return manifest
+
+
+def _write_batch(ids_per_line, split, writers, framing, max_length, min_length, unk_id, max_unk_fraction,
+                 heldout_fraction, rng, cleaning) -> None:
+    if split == "train" and heldout_fraction > 0:
+        to_heldout = rng.random(len(ids_per_line)) < heldout_fraction
+        groups = [("heldout", [x for x, h in zip(ids_per_line, to_heldout) if h]),
+                  ("train", [x for x, h in zip(ids_per_line, to_heldout) if not h])]
+    else:
+        groups = [(split, ids_per_line)]
+    for name, group in groups:
+        if group:
+            ids, lengths = frame_and_clean(group, framing, max_length, min_length, unk_id, max_unk_fraction, cleaning)
+            writers[name].write(ids, lengths)
+
+
+def _report(manifest: dict, read_stats: ReadStats, elapsed: float, output_dir: str) -> None:
+    c, s = manifest["cleaning"], manifest["splits"]
+    rate = read_stats.lines / elapsed if elapsed > 0 else float("inf")
+    lines = [
+        f"prepared {output_dir} in {elapsed:.1f} s: {read_stats.lines:,} lines read ({rate:,.0f} lines/s), "
+        f"{read_stats.empty:,} empty, {read_stats.bad:,} bad lines skipped",
+        f"  {c['split_lines']:,} long lines split into {c['extra_chunks']:,} extra chunks (max length {manifest['max_length']}); "
+        f"dropped {c['dropped_short']:,} short (< {manifest['min_length']} tokens) and {c['dropped_unknown']:,} mostly-unknown",
+    ]
+    for split, info in s.items():
+        if info["sequences"]:
+            lines.append(f"  {split}: {info['sequences']:,} sequences, {info['tokens']:,} tokens, "
+                         f"mean length {info['length_mean']}, max {info['length_max']}")
+    for example in read_stats.bad_examples:
+        lines.append(f"  skipped: {example}")
+    print("\n".join(lines))

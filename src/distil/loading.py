@@ -1,0 +1,121 @@
+"""Loading tokenizers and models by hub id or local path, with errors a person can act on.
+
+The real hub path is kept: `bert-base-uncased` resolves through `transformers` wherever the hub is
+reachable. Local directories (save_pretrained layout) and single-file GGUF checkpoints also work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distil.errors import DistilError
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return (
+        name_or_path.startswith((".", "/", "~"))
+        or os.sep in name_or_path.rstrip(os.sep).split(os.sep, 1)[-1]
+        or Path(name_or_path).exists()
+        or name_or_path.endswith(".gguf")
+    )
+
+
+def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Resolve a GGUF checkpoint given as a file path or as a directory holding one .gguf file."""
+    path = Path(name_or_path).expanduser()
+    if gguf_file is None and path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if gguf_file is None and path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+    return str(path) if path.exists() else name_or_path, gguf_file
+
+
+def check_exists(name_or_path: str, what: str) -> None:
+    """A path that is clearly meant to be local must exist; hub ids are left to transformers."""
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise DistilError(
+            f"The {what} path {name_or_path} does not exist. Give a directory written by save_pretrained "
+            f"(with config.json and weights), a .gguf file, or a hub id such as bert-base-uncased."
+        )
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    """Load a fast tokenizer, explaining what to do when the path is not one."""
+    from transformers import AutoTokenizer
+
+    check_exists(name_or_path, "tokenizer")
+    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DistilError(
+            f"Could not load a tokenizer from {name_or_path}: {first_line(exc)} "
+            "Point to a directory that holds tokenizer.json (or vocab.txt / vocab.json + merges.txt) and "
+            "tokenizer_config.json, as written by save_pretrained, or to a hub id where the hub is reachable."
+        ) from None
+    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise DistilError(
+            f"The tokenizer at {name_or_path} is not a fast (Rust `tokenizers`) tokenizer. distil needs one for "
+            "speed and exact offsets; convert it with transformers' `convert_slow_tokenizer` or save a tokenizer.json."
+        )
+    return tokenizer
+
+
+def load_config(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoConfig
+
+    check_exists(name_or_path, "model")
+    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DistilError(
+            f"Could not read a model configuration from {name_or_path}: {first_line(exc)} "
+            "Point to a save_pretrained directory (config.json + model.safetensors), a .gguf file, or a hub id."
+        ) from None
+
+
+def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None = None, **kwargs):
+    """Load weights with `auto_class` (e.g. AutoModelForMaskedLM) and return (model, loading_info).
+
+    loading_info lists missing and unexpected keys, so callers can tell a teacher without an
+    LM head (its head would be freshly initialised) from one that has it.
+    """
+    import torch
+
+    check_exists(name_or_path, "model")
+    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        # GGUF weights are dequantised on load; transformers 5 refuses .float() afterwards, so ask here.
+        dtype = dtype or torch.float32
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except ValueError as exc:
+        msg = first_line(exc)
+        if "Unrecognized configuration class" in msg or "does not recognize" in msg:
+            raise DistilError(
+                f"The model at {name_or_path} cannot be loaded as {auto_class.__name__}: {msg} "
+                "Check that this architecture supports the task you asked for (masked LM for BERT-style recipes, "
+                "causal LM for GPT-style recipes)."
+            ) from None
+        raise DistilError(f"Could not load the model at {name_or_path}: {msg}") from None
+    except (OSError, KeyError) as exc:
+        raise DistilError(
+            f"Could not load a model from {name_or_path}: {first_line(exc)} "
+            "Point to a save_pretrained directory (config.json + model.safetensors), a .gguf file, or a hub id."
+        ) from None
+    return model, info
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0].strip()
+    return line if line.endswith((".", "!", "?")) else line + "."
