@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -76,6 +77,22 @@ def _add_init_student(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="distil a teacher into a student following a YAML recipe",
+        description=(
+            "Distil with a weighted mix of soft-target KL at a temperature, MLM or causal-LM loss, logit MSE and "
+            "hidden-state cosine/MSE, as the recipe says. Any recipe value can be overridden as section.key=value "
+            "(e.g. loss.temperature=4 optim.max_steps=1000 run.output_dir=runs/x). Runs on one CPU or GPU as is, and on "
+            "many GPUs or nodes under `accelerate launch` or `torchrun`. A run resumes from its latest checkpoint "
+            "(run.resume=auto); SIGTERM/SIGINT save a checkpoint and stop cleanly."
+        ),
+    )
+    p.add_argument("recipe", help="a YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe values to override")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_prepare(sub)
     _add_init_student(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
@@ -122,6 +140,12 @@ def run(args: argparse.Namespace) -> None:
             teacher=args.teacher, output_dir=args.output_dir, layers=args.layers, num_layers=args.num_layers,
             architecture=args.architecture, overwrite=args.overwrite,
         )
+    elif args.command == "train":
+        from distil.config import load_config
+        from distil.distiller import train
+
+        summary = train(load_config(args.recipe, args.overrides))
+        print(json.dumps(summary, indent=2, default=str))
     elif args.command == "demo":
         from distil.demo import run_demo
 

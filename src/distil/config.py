@@ -1,0 +1,272 @@
+"""Training recipes: dataclasses read from YAML, overridable with `section.key=value` on the command line.
+
+Every value is validated here, before any model is loaded, with messages that say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distil.errors import DistilError
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""                      # hub id, save_pretrained directory, or .gguf file
+    dtype: str = "auto"                 # float32 | bfloat16 | float16 | auto (float32 on CPU, bf16 on GPUs that have it)
+    tokenizer: str | None = None        # defaults to the teacher's own
+
+
+@dataclass
+class StudentConfig:
+    path: str | None = None             # a save_pretrained directory, e.g. written by `distil init-student`
+    layers: list[int] | None = None     # or: build the student from these teacher layers when training starts
+    num_layers: int | None = None       # or: this many teacher layers, spread keeping the first and last
+    architecture: str = "auto"          # auto | distilbert | same (see distil init-student)
+    config: str | None = None           # or: a config.json / directory to start from random weights
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                      # a directory written by `distil prepare`
+    batch_size: int = 5                 # sequences per process per micro-step
+    group_by_length: bool = True        # batch sequences of similar length (less padding)
+    max_length: int | None = None       # truncate longer sequences (None: as prepared)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    alpha_ce: float = 0.5               # soft-target KL(teacher_T || student_T) * T^2
+    alpha_mlm: float = 0.0              # masked-LM cross-entropy on the student
+    alpha_clm: float = 0.0              # causal-LM cross-entropy on the student (shifted)
+    alpha_mse: float = 0.0              # MSE between student and teacher logits
+    alpha_cos: float = 0.0              # cosine distance between hidden states (see hidden_layers)
+    alpha_hidden_mse: float = 0.0       # MSE between hidden states (see hidden_layers)
+    hidden_layers: Any = "mapped"       # "last" | "mapped" | [[student_layer, teacher_layer], ...] (0 = embeddings)
+    restrict_ce_to_mask: bool = False   # soft-target loss only on masked positions (MLM)
+    mlm_probability: float = 0.15
+    mlm_smoothing: float = 0.7          # masking probability of a token ~ count^-smoothing (rare tokens favoured)
+    mask_replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # mask / keep / random
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.0           # never applied to biases and norm weights
+    warmup_fraction: float = 0.05       # linear warm-up over this fraction of the steps, then linear decay to 0
+    max_grad_norm: float = 5.0
+    gradient_accumulation: int = 1      # micro-steps per optimizer step
+    max_steps: int | None = None        # optimizer steps; or
+    epochs: float = 3.0                 # passes over the training data when max_steps is None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/distil"
+    seed: int = 56
+    mixed_precision: str = "no"         # no | bf16 | fp16
+    freeze_position_embeddings: bool = False
+    freeze_token_type_embeddings: bool = False
+    dropout: float | None = None        # override the student's dropout (0 for exact-reproduction tests)
+    log_every: int = 10                 # optimizer steps between training log lines
+    eval_every: int = 500               # optimizer steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 20              # held-out global batches per evaluation
+    checkpoint_every: int = 1000        # optimizer steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3
+    resume: str = "auto"                # auto (continue the run in output_dir if any) | never | a checkpoint directory
+    overwrite: bool = False             # start over in an output_dir that holds a finished run
+    tensorboard: bool = True
+    progress: bool = True
+    collective_timeout_s: int = 1800    # a process waiting longer than this at a collective fails instead of hanging
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    name: str = ""
+    description: str = ""
+
+    @property
+    def objective(self) -> str:
+        return "clm" if self.loss.alpha_clm > 0 else "mlm"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else f" Known keys: {', '.join(options)}."
+
+
+def _set_fields(obj, values: dict, where: str) -> None:
+    names = [f.name for f in fields(obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise DistilError(f"Unknown recipe key {where}{key!r}.{_closest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DistilError(f"Recipe key {where}{key} must be a mapping of settings, got {value!r}.")
+            _set_fields(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, value)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise DistilError(f"Override {text!r} is not of the form key=value (for example loss.temperature=4 or run.seed=1).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe, apply `a.b=value` overrides, validate, and return the TrainConfig."""
+    config = TrainConfig()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.exists():
+            raise DistilError(f"The recipe {path} does not exist. Recipes live in recipes/*.yaml; pass one of them or your own.")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise DistilError(f"The recipe {path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise DistilError(f"The recipe {path} must be a mapping of sections (teacher, student, data, loss, optim, run).")
+        _set_fields(config, values, "")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _set_fields(config, nested, "")
+    validate(config)
+    return config
+
+
+def _check_type(section, name: str, kinds: tuple, where: str) -> None:
+    value = getattr(section, name)
+    if value is None and type(None) in kinds:
+        return
+    # YAML gives ints where floats are meant (alpha: 5); accept them.
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        setattr(section, name, float(value))
+        return
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a number is clearly meant.
+    if float in kinds and isinstance(value, str):
+        try:
+            setattr(section, name, float(value))
+            return
+        except ValueError:
+            pass
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise DistilError(f"Recipe key {where}.{name} must be {expected}, got {value!r}.")
+
+
+def validate(config: TrainConfig) -> None:
+    for section_name in ("teacher", "student", "data", "loss", "optim", "run"):
+        section = getattr(config, section_name)
+        for f in fields(section):
+            annotation = str(f.type)
+            kinds: tuple = ()
+            if annotation.startswith("float"):
+                kinds = (float,)
+            elif annotation.startswith("int"):
+                kinds = (int,)
+            elif annotation.startswith("bool"):
+                kinds = (bool,)
+            elif annotation.startswith("str"):
+                kinds = (str,)
+            elif annotation.startswith("list"):
+                kinds = (list,)
+            if not kinds:
+                continue
+            if "None" in annotation:
+                kinds = kinds + (type(None),)
+            _check_type(section, f.name, kinds, section_name)
+
+    if not config.teacher.path:
+        raise DistilError("The recipe names no teacher. Set teacher.path (a hub id such as bert-base-uncased, or a directory).")
+    if not config.data.path:
+        raise DistilError("The recipe names no data. Set data.path to a directory written by `distil prepare`.")
+    s = config.student
+    given = [k for k, v in (("path", s.path), ("layers", s.layers), ("num_layers", s.num_layers), ("config", s.config)) if v]
+    if len(given) > 1:
+        raise DistilError(f"Give the student one way only; the recipe sets student.{' and student.'.join(given)}.")
+    if s.architecture not in ("auto", "distilbert", "same"):
+        raise DistilError(f"student.architecture must be auto, distilbert or same, got {s.architecture!r}.")
+
+    loss = config.loss
+    alphas = {k: getattr(loss, k) for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse")}
+    negative = {k: v for k, v in alphas.items() if v < 0}
+    if negative:
+        raise DistilError(f"Loss weights must be >= 0; the recipe has {negative}.")
+    if not any(alphas.values()):
+        raise DistilError("All loss weights are 0, so nothing would be learned. Set at least one of " + ", ".join(alphas) + ".")
+    if loss.alpha_mlm > 0 and loss.alpha_clm > 0:
+        raise DistilError("alpha_mlm and alpha_clm are both set: a run is either masked-LM (encoders) or causal-LM (decoders).")
+    if loss.temperature <= 0:
+        raise DistilError(f"loss.temperature must be > 0, got {loss.temperature}.")
+    if not 0 < loss.mlm_probability < 1:
+        raise DistilError(f"loss.mlm_probability must be in (0, 1), got {loss.mlm_probability}.")
+    if len(loss.mask_replace) != 3 or any(p < 0 for p in loss.mask_replace) or abs(sum(loss.mask_replace) - 1) > 1e-6:
+        raise DistilError(f"loss.mask_replace must be three probabilities (mask, keep, random) that sum to 1, got {loss.mask_replace}.")
+    if not (loss.hidden_layers in ("last", "mapped") or _is_layer_pairs(loss.hidden_layers)):
+        raise DistilError(
+            f"loss.hidden_layers must be 'last', 'mapped' or a list of [student_layer, teacher_layer] pairs, got {loss.hidden_layers!r}."
+        )
+    if loss.restrict_ce_to_mask and config.objective != "mlm":
+        raise DistilError("loss.restrict_ce_to_mask applies to masked-LM runs only; unset it for causal-LM recipes.")
+
+    o = config.optim
+    if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
+        raise DistilError("optim.lr and optim.eps must be > 0; optim.weight_decay and optim.max_grad_norm >= 0.")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise DistilError(f"optim.betas must be two numbers in [0, 1), got {o.betas}.")
+    if not 0 <= o.warmup_fraction < 1:
+        raise DistilError(f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}.")
+    if o.gradient_accumulation < 1 or (o.max_steps is not None and o.max_steps < 1) or o.epochs <= 0:
+        raise DistilError("optim.gradient_accumulation and optim.max_steps must be >= 1, optim.epochs > 0.")
+    if config.data.batch_size < 1:
+        raise DistilError(f"data.batch_size must be at least 1, got {config.data.batch_size}.")
+
+    r = config.run
+    if r.mixed_precision not in ("no", "bf16", "fp16"):
+        raise DistilError(f"run.mixed_precision must be no, bf16 or fp16, got {r.mixed_precision!r}.")
+    if config.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise DistilError(f"teacher.dtype must be auto, float32, bfloat16 or float16, got {config.teacher.dtype!r}.")
+    if r.resume not in ("auto", "never") and not Path(r.resume).exists():
+        raise DistilError(f"run.resume must be auto, never, or an existing checkpoint directory; {r.resume} does not exist.")
+    for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "collective_timeout_s"):
+        if getattr(r, name) < 0 or (name in ("log_every", "keep_checkpoints", "collective_timeout_s") and getattr(r, name) < 1):
+            raise DistilError(f"run.{name} must be positive, got {getattr(r, name)}.")
+
+
+def _is_layer_pairs(value) -> bool:
+    return (
+        isinstance(value, list) and len(value) > 0
+        and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
+    )
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

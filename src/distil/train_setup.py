@@ -1,0 +1,267 @@
+"""Everything `distil train` settles before the first step: models, start-up checks, layer map, optimizer.
+
+Each check turns a known trap into a message that says what to change, before hours of compute are spent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distil.config import TrainConfig
+from distil.data import shards
+from distil.errors import DistilError
+from distil.loading import load_config, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    teacher: torch.nn.Module          # what the loop calls: the full LM, or its base when no logits are needed
+    teacher_has_head: bool
+    student: torch.nn.Module          # the full student (what gets saved)
+    student_trained: torch.nn.Module  # what the loop calls and optimises: `student` or its base
+    tokenizer: object
+    init_record: dict | None          # distil_init.json of the student, when it was built from teacher layers
+    original_dropout: dict            # config dropout values to restore when saving
+
+
+def _auto_class(objective: str, base: bool = False):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if base:
+        return AutoModel
+    return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+
+
+def _is_bidirectional(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def _head_missing(info: dict) -> bool:
+    head_words = ("cls.", "lm_head", "vocab_", "predictions", "pred_layer")
+    return any(any(w in key for w in head_words) for key in info.get("missing_keys", []))
+
+
+def resolve_teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    choice = config.teacher.dtype
+    if choice == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.run.mixed_precision, torch.float32)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
+def student_source(config: TrainConfig, run_dir: Path, is_main: bool, barrier) -> str:
+    """The student directory to load: given, or built once from teacher layers inside the run directory."""
+    s = config.student
+    if s.path:
+        return s.path
+    if s.config:
+        return s.config
+    built = run_dir / "student-init"
+    if is_main and not (built / "config.json").exists():
+        from distil.student import init_student
+
+        layers = s.layers
+        num_layers = s.num_layers
+        init_student(config.teacher.path, str(built), layers=layers, num_layers=num_layers,
+                     architecture=s.architecture, overwrite=True)
+    barrier()
+    return str(built)
+
+
+def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> Models:
+    """Load teacher and student, run the start-up checks, and place both on `device`."""
+    objective = config.objective
+    loss = config.loss
+    wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
+    wants_teacher_logits = loss.alpha_ce > 0 or loss.alpha_mse > 0
+
+    teacher_config = load_config(config.teacher.path)
+    if objective == "clm" and _is_bidirectional(teacher_config):
+        raise DistilError(
+            f"The recipe is causal-LM (alpha_clm > 0) but the teacher {config.teacher.path} is a bidirectional "
+            f"{teacher_config.model_type} encoder. Use a decoder teacher (GPT-2, Llama, ...) or a masked-LM recipe (alpha_mlm)."
+        )
+    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.path)
+    teacher_dtype = resolve_teacher_dtype(config, device)
+    log.info("Loading teacher %s (%s)", config.teacher.path, teacher_dtype)
+    teacher, info = load_model(config.teacher.path, _auto_class(objective), dtype=teacher_dtype)
+    has_head = not _head_missing(info)
+    if wants_teacher_logits and not has_head:
+        raise DistilError(
+            f"The teacher {config.teacher.path} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint holds "
+            "only the encoder), so soft-target and logit losses would distil a random head. Set loss.alpha_ce and "
+            "loss.alpha_mse to 0 and use hidden-state losses (loss.alpha_cos, loss.alpha_hidden_mse), or fit a head first."
+        )
+    teacher.eval().requires_grad_(False)
+    teacher.to(device)
+
+    student_cfg = _student_config(config, student_dir)
+    original_dropout = _override_dropout(student_cfg, config.run.dropout)
+    student_path = Path(student_dir)
+    if config.student.config:
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        auto = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+        torch.manual_seed(config.run.seed)
+        student = auto.from_config(student_cfg)
+    else:
+        student, _ = load_model(student_dir, _auto_class(objective), config=student_cfg, dtype=torch.float32)
+    student.train()
+    student.to(device)
+
+    init_record = None
+    record_path = student_path / "distil_init.json" if student_path.is_dir() else None
+    if record_path is not None and record_path.exists():
+        init_record = json.loads(record_path.read_text(encoding="utf-8"))
+
+    check_vocabularies(teacher.config, student.config, tokenizer, config)
+    check_hidden_sizes(teacher.config, student.config, config)
+    check_data_matches_tokenizer(config.data.path, tokenizer, teacher.config)
+
+    teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
+    student_trained = student if wants_logits else student.base_model
+    return Models(teacher=teacher_called, teacher_has_head=has_head, student=student, student_trained=student_trained,
+                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout)
+
+
+def _student_config(config: TrainConfig, student_dir: str):
+    if config.student.config:
+        return load_config(config.student.config)
+    return load_config(student_dir)
+
+
+def _override_dropout(model_config, value: float | None) -> dict:
+    original = {}
+    if value is None:
+        return original
+    for key, current in list(model_config.to_dict().items()):
+        if "dropout" in key and isinstance(current, float):
+            original[key] = current
+            setattr(model_config, key, float(value))
+    return original
+
+
+def vocab_size_of(model_config) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.vocab_size)
+
+
+def hidden_size_of(model_config) -> int:
+    for key in ("hidden_size", "dim", "n_embd", "d_model"):
+        if hasattr(model_config, key):
+            return int(getattr(model_config, key))
+    raise DistilError(f"Cannot tell the hidden size of a {model_config.model_type} model.")
+
+
+def check_vocabularies(teacher_config, student_config, tokenizer, config: TrainConfig) -> None:
+    t, s = vocab_size_of(teacher_config), vocab_size_of(student_config)
+    if t != s:
+        raise DistilError(
+            f"The teacher's vocabulary has {t} entries and the student's {s} ({abs(t - s)} {'more' if t > s else 'fewer'} "
+            "in the teacher). Soft targets compare the two distributions id by id, so the vocabularies must match. "
+            "A teacher whose embedding matrix is padded beyond its tokenizer (to a multiple of 8 or 64) is a known "
+            "trap: build the student from the teacher (distil init-student) or resize one model's embeddings."
+        )
+    if len(tokenizer) > t:
+        raise DistilError(
+            f"The tokenizer has {len(tokenizer)} tokens but the models only {t} embeddings: ids above {t - 1} would crash. "
+            "Use the tokenizer that belongs to the teacher (teacher.tokenizer)."
+        )
+
+
+def check_hidden_sizes(teacher_config, student_config, config: TrainConfig) -> None:
+    if config.loss.alpha_cos > 0 or config.loss.alpha_hidden_mse > 0:
+        t, s = hidden_size_of(teacher_config), hidden_size_of(student_config)
+        if t != s:
+            raise DistilError(
+                f"Hidden-state losses (alpha_cos / alpha_hidden_mse) compare student and teacher states, but the hidden "
+                f"sizes differ: teacher {t}, student {s}. Use a student of the teacher's width (distil init-student) or "
+                "set loss.alpha_cos and loss.alpha_hidden_mse to 0."
+            )
+
+
+def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> None:
+    manifest = shards.read_manifest(data_dir)
+    expected = shards.vocabulary_fingerprint(tokenizer)
+    got = manifest["tokenizer"]["vocab_fingerprint"]
+    if expected != got:
+        raise DistilError(
+            f"The data in {data_dir} was prepared with another tokenizer ({manifest['tokenizer']['name_or_path']}, "
+            f"{manifest['vocab_size']} tokens) than the teacher's ({len(tokenizer)} tokens): token ids would mean "
+            "different words. Run distil prepare again with --tokenizer set to the teacher."
+        )
+
+
+def layer_pairs(config: TrainConfig, student_config, teacher_config, init_record: dict | None) -> list[tuple[int, int]]:
+    """Pairs of hidden-state indices (0 = embeddings, i = output of layer i) compared by hidden losses."""
+    n_s, n_t = int(student_config.num_hidden_layers), int(teacher_config.num_hidden_layers)
+    choice = config.loss.hidden_layers
+    if choice == "last":
+        return [(n_s, n_t)]
+    if choice == "mapped":
+        if init_record and len(init_record.get("teacher_layers", [])) == n_s:
+            sources = init_record["teacher_layers"]
+        else:
+            from distil.student import select_layers
+
+            sources = select_layers(n_t, n_s)
+        pairs = [(j + 1, t + 1) for j, t in enumerate(sources)]
+        if pairs[-1] != (n_s, n_t):
+            pairs.append((n_s, n_t))
+        return pairs
+    pairs = [(int(s), int(t)) for s, t in choice]
+    for s, t in pairs:
+        if s > n_s or t > n_t:
+            raise DistilError(
+                f"loss.hidden_layers pair [{s}, {t}] is out of range: the student has hidden states 0..{n_s} and the "
+                f"teacher 0..{n_t} (0 is the embedding output)."
+            )
+    return pairs
+
+
+def freeze_embeddings(student: torch.nn.Module, positions: bool, token_types: bool) -> list[str]:
+    """Freeze position / token-type embeddings, as the seed's --freeze_pos_embs; returns the frozen names."""
+    frozen = []
+    for name, param in student.named_parameters():
+        is_pos = name.endswith(("position_embeddings.weight", "wpe.weight"))
+        is_type = name.endswith("token_type_embeddings.weight")
+        if (positions and is_pos) or (token_types and is_type):
+            param.requires_grad_(False)
+            frozen.append(name)
+    if positions and not any("position" in n or "wpe" in n for n in frozen):
+        log.warning("run.freeze_position_embeddings is set but the student has no learned position embeddings "
+                    "(rotary or sinusoidal positions); nothing frozen.")
+    return frozen
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (every parameter with fewer than 2 dims) get no weight decay."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    o = config.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up from 0 to the peak over warmup_fraction of the steps, then linear decay to 0."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
