@@ -93,6 +93,59 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe values to override")
 
 
+def _add_task(sub) -> None:
+    p = sub.add_parser(
+        "task",
+        help="fine-tune a student on a task, optionally distilling from a fine-tuned teacher",
+        description="DistilBERT's second step: fine-tune a student (a base or MLM checkpoint gets a new task head) on "
+                    "classification, NER or extractive QA; with --teacher, also match that already fine-tuned teacher's "
+                    "softened outputs (KL at a temperature times T^2, mixed with the task loss). Without --teacher it is "
+                    "plain fine-tuning (use it to measure downstream retention).",
+    )
+    p.add_argument("task", choices=["classification", "ner", "qa"])
+    p.add_argument("student", help="student directory, .gguf file or hub id (base, MLM or already fine-tuned)")
+    p.add_argument("--train-file", help="training data: .csv/.tsv/.jsonl (classification), CoNLL (ner), SQuAD JSON (qa)")
+    p.add_argument("--eval-file", help="evaluation data in the same format as --train-file")
+    p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results, see --overwrite)")
+    p.add_argument("--teacher", default=None, help="teacher fine-tuned on this task, sharing the student's tokenizer")
+    p.add_argument("--alpha-ce", type=float, default=0.5, help="weight of the soft-target KL term (default 0.5)")
+    p.add_argument("--alpha-task", type=float, default=0.5, help="weight of the task cross-entropy (default 0.5)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term (default 2.0)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: twice --batch-size")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence or window (default: 384 for qa, else 128)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of steps with linear warm-up (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
+    p.add_argument("--log-every", type=int, default=50, help="training steps per metrics.jsonl line (default 50)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
+    p.add_argument("--ner-scheme", choices=["IOB1", "IOB2"], default="IOB1",
+                   help="IOB1: lenient chunking (seqeval default); IOB2: strict")
+    qa = p.add_argument_group("qa")
+    qa.add_argument("--doc-stride", type=int, default=128, help="context tokens shared by consecutive windows (default 128)")
+    qa.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
+    qa.add_argument("--max-answer-length", type=int, default=30, help="longest answer span in tokens (default 30)")
+    qa.add_argument("--n-best-size", type=int, default=20, help="start/end candidates considered (default 20)")
+    qa.add_argument("--null-score-diff-threshold", type=float, default=0.0,
+                    help="SQuAD v2: predict no answer when the null score beats the best span by more than this")
+    qa.add_argument("--version-2", action=argparse.BooleanOptionalAction, default=None,
+                    help="SQuAD v2.0 (unanswerable questions); default: detected from the data")
+    cl = p.add_argument_group("classification")
+    cl.add_argument("--text-columns", type=lambda s: [c for c in s.split(",") if c], default=None,
+                    help="one column, or two for pairs, e.g. premise,hypothesis (default: detected)")
+    cl.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    cl.add_argument("--dataset", default=None,
+                    help="a `datasets` hub name or save_to_disk directory instead of files (needs `pip install datasets`)")
+    cl.add_argument("--dataset-config", default=None, help="configuration name of --dataset (e.g. sst2 for glue)")
+    cl.add_argument("--train-split", default="train", help="split of --dataset to train on (default train)")
+    cl.add_argument("--eval-split", default="validation", help="split of --dataset to evaluate on (default validation)")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -118,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_init_student(sub)
     _add_train(sub)
+    _add_task(sub)
     _add_demo(sub)
     return parser
 
@@ -146,16 +200,45 @@ def run(args: argparse.Namespace) -> None:
 
         summary = train(load_config(args.recipe, args.overrides))
         print(json.dumps(summary, indent=2, default=str))
+    elif args.command == "task":
+        from distil.tasks.finetune import run_task
+
+        metrics = run_task(
+            task=args.task, student=args.student, train_file=args.train_file, eval_file=args.eval_file,
+            output_dir=args.output_dir, teacher=args.teacher, alpha_ce=args.alpha_ce, alpha_task=args.alpha_task,
+            temperature=args.temperature, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size, max_length=args.max_length, doc_stride=args.doc_stride,
+            max_query_length=args.max_query_length, max_answer_length=args.max_answer_length,
+            n_best_size=args.n_best_size, null_score_diff_threshold=args.null_score_diff_threshold,
+            version_2=args.version_2, ner_scheme=args.ner_scheme, text_columns=args.text_columns,
+            label_column=args.label_column, dataset=args.dataset, dataset_config=args.dataset_config,
+            train_split=args.train_split, eval_split=args.eval_split, warmup_fraction=args.warmup_fraction,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
+            log_every=args.log_every, seed=args.seed, device=args.device, overwrite=args.overwrite,
+        )
+        print(json.dumps(metrics, indent=2))
     elif args.command == "demo":
         from distil.demo import run_demo
 
         run_demo(output_dir=args.output_dir, overwrite=args.overwrite)
 
 
+def _quiet_third_party() -> None:
+    """transformers prints a progress bar per weight file and a load report per model; distil says what matters."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    _quiet_third_party()
     try:
         run(args)
     except DistilError as exc:

@@ -1,0 +1,213 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from distil.config import load_config
+from distil.distiller import train
+from distil.errors import DistilError
+from distil.metrics_log import read_metrics
+from train_fixtures import prepared_data, teacher_dir, write_recipe
+
+CAUSAL = {"gpt2", "llama"}
+
+
+def losses_for(family):
+    if family in CAUSAL:
+        return {"alpha_ce": 5.0, "alpha_clm": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0}
+    return {"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+def run(workspace, family, name, overrides=(), **sections):
+    teacher = teacher_dir(workspace, family)
+    data = prepared_data(workspace, teacher, name=f"data-{family}")
+    sections.setdefault("loss", losses_for(family))
+    recipe = write_recipe(workspace / f"{name}.yaml", teacher, data, workspace / name, **sections)
+    return train(load_config(recipe, list(overrides))), workspace / name
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
+def test_distillation_lowers_the_loss(workspace, family):
+    summary, run_dir = run(workspace, family, f"run-{family}", optim={"max_steps": 40, "lr": 1e-2})
+    rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = sum(r["loss_ce"] for r in rows[:5]) / 5
+    last = sum(r["loss_ce"] for r in rows[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    assert summary["steps"] == 40 and summary["heldout"]
+    auto = AutoModelForCausalLM if family in CAUSAL else AutoModelForMaskedLM
+    model, info = auto.from_pretrained(run_dir / "student", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected_type = "distilbert" if family == "bert" else family
+    assert model.config.model_type == expected_type and model.config.num_hidden_layers == 2
+
+
+def test_trained_student_reloads_with_the_same_outputs(workspace):
+    """The held-out losses the loop measured at the end are reproduced by the reloaded student."""
+    from distil.distiller import evaluate_heldout, make_accelerator
+    from distil.train_setup import load_models
+
+    summary, run_dir = run(workspace, "bert", "run-reload", optim={"max_steps": 8})
+    config = load_config(run_dir / "recipe.yaml", ["run.overwrite=false"])
+    config.student.num_layers = None
+    config.student.path = str(run_dir / "student")
+    acc = make_accelerator(config)
+    models = load_models(config, config.student.path, acc.device)
+    from distil.data.dataset import TokenSequences, pad_id_of
+    from distil.distiller import _masker
+    from distil.objective import term_spec_from
+    from distil.train_setup import layer_pairs
+
+    heldout = TokenSequences(config.data.path, "heldout")
+    spec = term_spec_from(config, layer_pairs(config, models.student.config, models.teacher.config, models.init_record))
+    masker = _masker(config, config.data.path, heldout.manifest, 96, models.tokenizer)
+    again = evaluate_heldout(acc, models, spec, heldout, masker, config, pad_id_of(heldout.manifest))
+    for key in ("student_mlm", "teacher_mlm", "kd", "cos"):
+        assert again[key] == pytest.approx(summary["heldout"][key], abs=1e-5), key
+    base = AutoModel.from_pretrained(run_dir / "student").eval()
+    models.student.eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        full = models.student(ids, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(base(ids).last_hidden_state, full, atol=1e-6)
+
+
+def test_metrics_tensorboard_and_recipe_written(workspace):
+    _, run_dir = run(workspace, "bert", "run-files", optim={"max_steps": 6},
+                     run={"tensorboard": True, "eval_every": 3, "log_every": 2})
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+    held = [r for r in rows if r["split"] == "heldout"]
+    assert [r["step"] for r in held] == [3, 6]
+    assert {"student_mlm", "teacher_mlm", "kd", "cos"} <= set(held[0])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(run_dir / "recipe.yaml").optim.max_steps == 6
+    record = json.loads((run_dir / "student" / "distil_init.json").read_text())
+    assert record["teacher_layers"] == [0, 3] and record["steps"] == 6
+    assert (run_dir / "student" / "README.md").read_text().startswith("# Student distilled from")
+
+
+def test_finished_run_is_not_overwritten(workspace):
+    _, run_dir = run(workspace, "bert", "run-done", optim={"max_steps": 2})
+    before = (run_dir / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(DistilError, match="finished run"):
+        run(workspace, "bert", "run-done", optim={"max_steps": 2})
+    assert (run_dir / "student" / "model.safetensors").read_bytes() == before
+    run(workspace, "bert", "run-done", ["run.overwrite=true", "optim.lr=0.01"], optim={"max_steps": 2})
+    assert (run_dir / "student" / "model.safetensors").read_bytes() != before
+
+
+def test_freezing_position_embeddings_keeps_them(workspace):
+    _, run_dir = run(workspace, "bert", "run-freeze", optim={"max_steps": 3},
+                     run={"freeze_position_embeddings": True})
+    init = AutoModelForMaskedLM.from_pretrained(run_dir / "student-init")
+    final = AutoModelForMaskedLM.from_pretrained(run_dir / "student")
+    pos = "distilbert.embeddings.position_embeddings.weight"
+    word = "distilbert.embeddings.word_embeddings.weight"
+    assert torch.equal(init.state_dict()[pos], final.state_dict()[pos])
+    assert not torch.equal(init.state_dict()[word], final.state_dict()[word])
+
+
+def headless_teacher(workspace):
+    """The tiny BERT saved as a bare BertModel: an encoder without its MLM head."""
+    from transformers import AutoTokenizer, BertModel
+
+    teacher = teacher_dir(workspace, "bert")
+    headless = workspace / "teacher-headless"
+    if not headless.exists():
+        BertModel.from_pretrained(teacher).save_pretrained(headless)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(headless)
+    return headless
+
+
+def test_hidden_losses_alone_work_for_a_teacher_without_head(workspace):
+    teacher = teacher_dir(workspace, "bert")
+    headless = headless_teacher(workspace)
+    data = prepared_data(workspace, teacher, name="data-bert")
+    recipe = write_recipe(workspace / "headless.yaml", headless, data, workspace / "run-headless",
+                          loss={"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 1.0, "alpha_hidden_mse": 1.0},
+                          optim={"max_steps": 25})
+    summary = train(load_config(recipe))
+    rows = [r for r in read_metrics(workspace / "run-headless") if r["split"] == "train"]
+    assert rows[-1]["loss_cos"] < rows[0]["loss_cos"]
+    assert set(summary["heldout"]) == {"cos", "hidden_mse", "batches"}
+
+
+# --- start-up checks --------------------------------------------------------------------------------------
+
+def expect_error(workspace, match, family="bert", overrides=(), **sections):
+    with pytest.raises(DistilError, match=match):
+        run(workspace, family, "run-bad", ["run.overwrite=true", *overrides], **sections)
+
+
+def test_vocabulary_mismatch_says_by_how_much(workspace):
+    from tiny_models import tiny_bert
+
+    student = workspace / "student-bigvocab"
+    model = tiny_bert(num_layers=2)
+    model.resize_token_embeddings(104)
+    model.save_pretrained(student)
+    expect_error(workspace, "96 entries and the student's 104.*8 fewer", student={"num_layers": None, "path": str(student)})
+
+
+def test_hidden_size_mismatch_with_hidden_loss(workspace):
+    from tiny_models import tiny_bert
+
+    student = workspace / "student-wide"
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(student)
+    expect_error(workspace, "hidden sizes differ: teacher 32, student 48",
+                 student={"num_layers": None, "path": str(student)})
+
+
+def test_mlm_recipe_with_headless_teacher(workspace):
+    data = prepared_data(workspace, teacher_dir(workspace, "bert"), name="data-bert")
+    recipe = write_recipe(workspace / "bad.yaml", headless_teacher(workspace), data, workspace / "run-bad2")
+    with pytest.raises(DistilError, match="has no MLM head"):
+        train(load_config(recipe))
+
+
+def test_causal_recipe_with_bidirectional_teacher(workspace):
+    expect_error(workspace, "bidirectional", loss={"alpha_ce": 1.0, "alpha_mlm": 0.0, "alpha_clm": 1.0})
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["loss.alpha_ce=-1"], "must be >= 0"),
+    (["loss.alpha_ce=0", "loss.alpha_mlm=0", "loss.alpha_cos=0"], "All loss weights are 0"),
+    (["loss.temprature=3"], "Did you mean 'temperature'"),
+    (["optim.learning_rate=3"], "Unknown recipe key optim.'learning_rate'"),
+    (["loss.alpha_clm=1"], "both set"),
+])
+def test_recipe_validation(workspace, overrides, match):
+    expect_error(workspace, match, overrides=overrides)
+
+
+def test_data_from_another_tokenizer(workspace):
+    other = prepared_data(workspace, teacher_dir(workspace, "roberta"), name="data-roberta")
+    expect_error(workspace, "prepared with another tokenizer", data={"path": str(other)})
+
+
+def test_nan_loss_stops_with_step_and_term(workspace):
+    teacher = teacher_dir(workspace, "bert")
+    broken = workspace / "teacher-nan"
+    if not broken.exists():
+        from transformers import AutoTokenizer
+
+        model = AutoModelForMaskedLM.from_pretrained(teacher)
+        with torch.no_grad():
+            model.cls.predictions.bias.fill_(float("nan"))
+        model.save_pretrained(broken)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(broken)
+    data = prepared_data(workspace, teacher, name="data-bert")
+    recipe = write_recipe(workspace / "nan.yaml", broken, data, workspace / "run-nan")
+    with pytest.raises(DistilError, match=r"step 1: loss term 'ce' is nan"):
+        train(load_config(recipe))
