@@ -64,7 +64,9 @@ class OptimConfig:
     weight_decay: float = 0.0           # never applied to biases and norm weights
     warmup_fraction: float = 0.05       # linear warm-up over this fraction of the steps, then linear decay to 0
     max_grad_norm: float = 5.0
-    gradient_accumulation: int = 1      # micro-steps per optimizer step
+    gradient_accumulation: int = 1      # micro-steps per optimizer step; or
+    effective_batch_size: int | None = None  # sequences per optimizer step: sets the accumulation from the
+                                             # batch size and the number of processes (the paper used ~4,000)
     max_steps: int | None = None        # optimizer steps; or
     epochs: float = 3.0                 # passes over the training data when max_steps is None
 
@@ -99,6 +101,13 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     name: str = ""
     description: str = ""
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: given, or derived from the effective batch size."""
+        if self.optim.effective_batch_size is None:
+            return self.optim.gradient_accumulation
+        per_micro_step = self.data.batch_size * world_size
+        return max(1, round(self.optim.effective_batch_size / per_micro_step))
 
     @property
     def objective(self) -> str:
@@ -244,6 +253,9 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"optim.betas must be two numbers in [0, 1), got {o.betas}.")
     if not 0 <= o.warmup_fraction < 1:
         raise DistilError(f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}.")
+    if o.effective_batch_size is not None and o.effective_batch_size < config.data.batch_size:
+        raise DistilError(f"optim.effective_batch_size ({o.effective_batch_size}) must be at least data.batch_size "
+                          f"({config.data.batch_size}).")
     if o.gradient_accumulation < 1 or (o.max_steps is not None and o.max_steps < 1) or o.epochs <= 0:
         raise DistilError("optim.gradient_accumulation and optim.max_steps must be >= 1, optim.epochs > 0.")
     if config.data.batch_size < 1:

@@ -77,8 +77,10 @@ def make_accelerator(config: TrainConfig):
 
     # A rank that dies must not leave the others waiting forever at a collective.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s))
+    # Without a GPU, accelerate only sets up gloo data parallelism (torchrun on CPU) when told cpu=True.
+    on_cpu = not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout])
+        return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout], cpu=on_cpu)
     except ValueError as exc:
         raise DistilError(f"Mixed precision {config.run.mixed_precision!r} is not available here: {exc}") from None
 
@@ -170,7 +172,7 @@ def train(config: TrainConfig) -> dict:
     global_batch = config.data.batch_size * world
     sampler = GlobalBatchSampler(train_data.lengths, global_batch, seed=config.run.seed,
                                  group_by_length=config.data.group_by_length)
-    accum = config.optim.gradient_accumulation
+    accum = config.accumulation_steps(world)
     total_steps = config.optim.max_steps or max(1, math.ceil(config.optim.epochs * sampler.batches_per_epoch() / accum))
 
     trained = models.student_trained
@@ -356,7 +358,7 @@ def _oom_message(config: TrainConfig, models, step: int) -> str:
         f"Out of memory at step {step + 1} with data.batch_size={config.data.batch_size} (teacher "
         f"{config.teacher.path}, {sum(p.numel() for p in models.teacher.parameters()) / 1e6:.0f}M parameters; student "
         f"{sum(p.numel() for p in models.student.parameters()) / 1e6:.0f}M). Try data.batch_size="
-        f"{max(1, config.data.batch_size // 2)} with optim.gradient_accumulation={config.optim.gradient_accumulation * 2} "
+        f"{max(1, config.data.batch_size // 2)} with optim.gradient_accumulation={config.accumulation_steps(1) * 2} "
         "(same effective batch), run.mixed_precision=bf16 with teacher.dtype=bfloat16, or data.max_length=256."
     )
 

@@ -12,6 +12,29 @@ from pathlib import Path
 from distil.errors import DistilError
 
 
+PACKAGE_PREFIX = "python:"
+
+
+def resolve_source(name_or_path: str) -> str:
+    """Expand `python:PACKAGE/sub/path` to a path inside an installed Python package.
+
+    Real models that ship on PyPI (see the README: "Real models offline") live inside site-packages;
+    recipes name them this way so that they work wherever the package is installed.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    package, _, rest = name_or_path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise DistilError(
+            f"{name_or_path} names the Python package {package!r}, which is not installed. Install it "
+            f"(pip install {package.replace('_', '-')}) or give a directory or hub id instead."
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
 def _looks_local(name_or_path: str) -> bool:
     return (
         name_or_path.startswith((".", "/", "~"))
@@ -35,6 +58,7 @@ def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, st
 
 def check_exists(name_or_path: str, what: str) -> None:
     """A path that is clearly meant to be local must exist; hub ids are left to transformers."""
+    name_or_path = resolve_source(name_or_path)
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise DistilError(
             f"The {what} path {name_or_path} does not exist. Give a directory written by save_pretrained "
@@ -47,7 +71,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     check_exists(name_or_path, "tokenizer")
-    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    source, gguf_file = split_gguf(resolve_source(name_or_path), gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -69,7 +93,7 @@ def load_config(name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoConfig
 
     check_exists(name_or_path, "model")
-    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    source, gguf_file = split_gguf(resolve_source(name_or_path), gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
@@ -89,7 +113,7 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
     import torch
 
     check_exists(name_or_path, "model")
-    source, gguf_file = split_gguf(name_or_path, gguf_file)
+    source, gguf_file = split_gguf(resolve_source(name_or_path), gguf_file)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         # GGUF weights are dequantised on load; transformers 5 refuses .float() afterwards, so ask here.

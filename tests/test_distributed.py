@@ -1,0 +1,83 @@
+"""Many processes on CPU with the gloo backend, launched the way users launch them (torchrun)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distil.metrics_log import read_metrics
+from train_fixtures import prepared_data, teacher_dir, write_recipe
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    teacher = teacher_dir(root, "bert")
+    data = prepared_data(root, teacher, name="data")
+    return root, teacher, data
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args, processes: int, timeout: int = 240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "distil", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(free_port()), "-m", "distil", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir):
+    return {r["step"]: r for r in read_metrics(run_dir) if r["split"] == "train"}
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(workspace):
+    root, teacher, data = workspace
+    common = dict(optim={"max_steps": STEPS, "lr": 3e-3}, run={"dropout": 0.0, "log_every": 1})
+    one = write_recipe(root / "one.yaml", teacher, data, root / "run-1x8", data={"batch_size": 8}, **common)
+    two = write_recipe(root / "two.yaml", teacher, data, root / "run-2x4", data={"batch_size": 4}, **common)
+    single = launch([str(one)], processes=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch([str(two)], processes=2)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 processes x batch 4" in double.stderr
+
+    a, b = train_losses(root / "run-1x8"), train_losses(root / "run-2x4")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+        assert b[step]["tokens_seen"] == a[step]["tokens_seen"]
+    # Written once, by the main process.
+    assert len([r for r in read_metrics(root / "run-2x4") if r["split"] == "train"]) == STEPS
+    assert (root / "run-2x4" / "student" / "model.safetensors").exists()
+
+
+def test_nan_on_all_ranks_stops_every_process_with_one_message(workspace):
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    root, teacher, data = workspace
+    broken = root / "teacher-nan"
+    model = AutoModelForMaskedLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.cls.predictions.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(broken)
+    recipe = write_recipe(root / "nan.yaml", broken, data, root / "run-nan", data={"batch_size": 4})
+    result = launch([str(recipe)], processes=2, timeout=180)
+    assert result.returncode != 0
+    assert "step 1: loss term 'ce' is nan" in result.stderr
+    # Both ranks saw the same reduced values and stopped at the same step: neither waits for the other.
+    assert result.stderr.count("step 1: loss term 'ce' is nan") == 2
