@@ -93,7 +93,7 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe values to override")
 
 
-def _add_task(sub) -> None:
+def _add_task(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "task",
         help="fine-tune a student on a task, optionally distilling from a fine-tuned teacher",
@@ -103,10 +103,15 @@ def _add_task(sub) -> None:
                     "plain fine-tuning (use it to measure downstream retention).",
     )
     p.add_argument("task", choices=["classification", "ner", "qa"])
-    p.add_argument("student", help="student directory, .gguf file or hub id (base, MLM or already fine-tuned)")
+    p.add_argument("--recipe", default=None, metavar="YAML",
+                   help="a task recipe (see recipes/tasks/): its keys are these options' names; flags given on the "
+                        "command line win")
+    p.add_argument("student", nargs="?", default=None,
+                   help="student directory, .gguf file or hub id (base, MLM or already fine-tuned); may come from --recipe")
     p.add_argument("--train-file", help="training data: .csv/.tsv/.jsonl (classification), CoNLL (ner), SQuAD JSON (qa)")
     p.add_argument("--eval-file", help="evaluation data in the same format as --train-file")
-    p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results, see --overwrite)")
+    p.add_argument("--output-dir", "-o", default=None,
+                   help="directory to write (refused if it holds results, see --overwrite); may come from --recipe")
     p.add_argument("--teacher", default=None, help="teacher fine-tuned on this task, sharing the student's tokenizer")
     p.add_argument("--alpha-ce", type=float, default=0.5, help="weight of the soft-target KL term (default 0.5)")
     p.add_argument("--alpha-task", type=float, default=0.5, help="weight of the task cross-entropy (default 0.5)")
@@ -144,6 +149,7 @@ def _add_task(sub) -> None:
     cl.add_argument("--dataset-config", default=None, help="configuration name of --dataset (e.g. sst2 for glue)")
     cl.add_argument("--train-split", default="train", help="split of --dataset to train on (default train)")
     cl.add_argument("--eval-split", default="validation", help="split of --dataset to evaluate on (default validation)")
+    return p
 
 
 def _add_demo(sub) -> None:
@@ -155,6 +161,29 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--output-dir", "-o", default="demo-output", help="where to write (default demo-output)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
+
+
+def _apply_task_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
+    """Re-parse `distil task` with a recipe's values as defaults, so explicit flags still win."""
+    args, _ = parser.parse_known_args(argv)
+    if getattr(args, "command", None) != "task" or not getattr(args, "recipe", None):
+        return None
+    import yaml
+    from pathlib import Path
+
+    path = Path(args.recipe)
+    if not path.exists():
+        raise DistilError(f"The task recipe {path} does not exist. Task recipes live in recipes/tasks/.")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    task_parser = parser._task_parser  # type: ignore[attr-defined]
+    known = {a.dest for a in task_parser._actions}
+    unknown = [k for k in values if k.replace("-", "_") not in known]
+    if unknown:
+        raise DistilError(f"The task recipe {path} has unknown keys {unknown}. Valid keys: {', '.join(sorted(known - {'help'}))}.")
+    if values.get("task", args.task) != args.task:
+        raise DistilError(f"The task recipe {path} is for task {values['task']!r}, not {args.task!r}.")
+    task_parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items() if k != "task"})
+    return parser.parse_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_init_student(sub)
     _add_train(sub)
-    _add_task(sub)
+    parser._task_parser = _add_task(sub)  # type: ignore[attr-defined]
     _add_demo(sub)
     return parser
 
@@ -202,6 +231,10 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2, default=str))
     elif args.command == "task":
         from distil.tasks.finetune import run_task
+
+        if not args.student or not args.output_dir:
+            raise DistilError("Give the student to fine-tune (a directory or hub id) and --output-dir, on the command "
+                              "line or in --recipe.")
 
         metrics = run_task(
             task=args.task, student=args.student, train_file=args.train_file, eval_file=args.eval_file,
@@ -235,11 +268,13 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     _quiet_third_party()
     try:
+        args = _apply_task_recipe(parser, argv) or args
         run(args)
     except DistilError as exc:
         print(f"distil {args.command}: error: {exc}", file=sys.stderr)

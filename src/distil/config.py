@@ -179,6 +179,10 @@ def _check_type(section, name: str, kinds: tuple, where: str) -> None:
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         setattr(section, name, float(value))
         return
+    # YAML 1.1 reads `no` as False and `123` as a number where a string field is meant.
+    if kinds[0] is str and isinstance(value, (bool, int, float)):
+        setattr(section, name, ("yes" if value else "no") if isinstance(value, bool) else str(value))
+        return
     # YAML 1.1 reads 1e-3 (no dot) as a string; a number is clearly meant.
     if float in kinds and isinstance(value, str):
         try:
