@@ -137,7 +137,7 @@ def test_hidden_losses_alone_work_for_a_teacher_without_head(workspace):
     summary = train(load_config(recipe))
     rows = [r for r in read_metrics(workspace / "run-headless") if r["split"] == "train"]
     assert rows[-1]["loss_cos"] < rows[0]["loss_cos"]
-    assert set(summary["heldout"]) == {"cos", "hidden_mse", "batches"}
+    assert set(summary["heldout"]) == {"cos", "hidden_mse", "batches", "tokens_per_s"}
 
 
 # --- start-up checks --------------------------------------------------------------------------------------

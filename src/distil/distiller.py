@@ -318,9 +318,11 @@ def evaluate_heldout(acc, models, spec, heldout: TokenSequences, masker, config:
                                                                                if h in spec.weights]
     sums = torch.zeros(len(names), device=device)
     has = torch.zeros(len(names), device=device)
+    started, tokens = time.perf_counter(), 0
     for index, indices in enumerate(batches):
         generator.manual_seed(12345 + index)
         batch = build_batch([heldout[i] for i in indices], pad_id, spec.objective, masker, generator, rank, world, device)
+        tokens += batch.global_tokens
         with acc.autocast():
             t_logits, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
             s_logits, s_hidden = forward(student, batch, spec.needs_hidden)
@@ -350,6 +352,7 @@ def evaluate_heldout(acc, models, spec, heldout: TokenSequences, masker, config:
             if f"{who}_clm" in result:
                 result[f"{who}_perplexity"] = math.exp(min(result[f"{who}_clm"], 50.0))
     result["batches"] = len(batches)
+    result["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
     return result
 
 
