@@ -88,6 +88,7 @@ class RunConfig:
     overwrite: bool = False             # start over in an output_dir that holds a finished run
     tensorboard: bool = True
     progress: bool = True
+    fused_head: bool = True             # output layer + logit losses in row chunks (no tokens x vocab tensors)
     collective_timeout_s: int = 1800    # a process waiting longer than this at a collective fails instead of hanging
 
 

@@ -32,8 +32,10 @@ from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
 from distil.data.masking import MLMMasker, mask_probabilities
 from distil.data import shards
 from distil.errors import DistilError
+from distil.fused_head import output_projection, projection_bypassed
 from distil.metrics_log import MetricsLog
-from distil.objective import build_batch, compute_terms, forward, global_share, term_spec_from, weighted_total
+from distil.objective import (build_batch, compute_terms, forward, fused_logit_terms, global_share, term_spec_from,
+                              weighted_total)
 from distil.outputs import atomic_output_dir, write_json_atomic
 from distil.train_setup import (build_optimizer, build_scheduler, freeze_embeddings, layer_pairs, load_models,
                                 student_source)
@@ -192,6 +194,7 @@ def train(config: TrainConfig) -> dict:
     metrics = MetricsLog(run_dir, is_main, config.run.tensorboard, resume_step=step)
     if is_main and step == 0:
         _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec)
+    fused = fused_projections(config, models, spec)
     generator = torch.Generator(device=device)
     batches = iter(sampler)
     term_names = list(spec.weights)
@@ -221,12 +224,11 @@ def train(config: TrainConfig) -> dict:
                 last_micro = micro == accum - 1
                 with (contextlib.nullcontext() if last_micro else acc.no_sync(trained_wrapped)):
                     try:
-                        shares = _micro_step(acc, models, trained_wrapped, spec, batch)
+                        loss, shares = _micro_step(acc, models, trained_wrapped, spec, batch, fused)
                     except torch.OutOfMemoryError:
                         raise DistilError(_oom_message(config, models, step)) from None
-                    loss = weighted_total(shares, spec.weights) * (world / accum)
-                    acc.backward(loss)
-                step_values += torch.stack([shares[n].detach().float() for n in term_names]) / accum
+                    acc.backward(loss * (world / accum))
+                step_values += torch.stack([shares[n].float() for n in term_names]) / accum
                 step_tokens += batch.global_tokens
 
             # One collective per step: loss values (for the log and the NaN check) and the stop flag.
@@ -292,13 +294,39 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-def _micro_step(acc, models, trained_wrapped, spec, batch) -> dict:
-    # no_grad rather than inference_mode: teacher outputs feed the loss, whose backward saves them.
+def fused_projections(config: TrainConfig, models, spec) -> tuple | None:
+    """(student projection, teacher projection or None) when the fused head can replace the output layers."""
+    if not (config.run.fused_head and spec.needs_logits):
+        return None
+    s_proj = output_projection(models.student)
+    t_proj = output_projection(models.teacher) if spec.needs_teacher_logits else None
+    if s_proj is None or (spec.needs_teacher_logits and t_proj is None):
+        log.info("The output layer is not a plain linear projection; using the unfused logit losses.")
+        return None
+    return s_proj, t_proj
+
+
+def _micro_step(acc, models, trained_wrapped, spec, batch, fused) -> tuple[torch.Tensor, dict]:
+    """Forward both models; returns (this process's weighted loss, {term: detached global share})."""
+    if fused is None:
+        # no_grad rather than inference_mode: teacher outputs feed the loss, whose backward saves them.
+        with torch.no_grad(), acc.autocast():
+            t_logits, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
+        s_logits, s_hidden = forward(trained_wrapped, batch, spec.needs_hidden)
+        shares = global_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+        return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
+    s_proj, t_proj = fused
     with torch.no_grad(), acc.autocast():
-        t_logits, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
-    s_logits, s_hidden = forward(trained_wrapped, batch, spec.needs_hidden)
-    terms = compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden)
-    return global_share(terms)
+        with projection_bypassed(models.teacher, t_proj) if t_proj is not None else contextlib.nullcontext():
+            t_states, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
+    with projection_bypassed(models.student, s_proj):
+        s_states, s_hidden = forward(trained_wrapped, batch, spec.needs_hidden)
+    total, shares = fused_logit_terms(spec, batch, s_states, t_states if t_proj is not None else None, s_proj, t_proj)
+    if spec.needs_hidden:
+        hidden = global_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=("cos", "hidden_mse")))
+        total = total + weighted_total(hidden, spec.weights)
+        shares.update({k: v.detach() for k, v in hidden.items()})
+    return total, shares
 
 
 @torch.no_grad()

@@ -92,9 +92,10 @@ def forward(model, batch: Batch, want_hidden: bool):
     return logits, (out.hidden_states if want_hidden else None)
 
 
-def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden, t_logits, t_hidden) -> dict[str, tuple]:
+def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden, t_logits, t_hidden,
+                  only: tuple[str, ...] | None = None) -> dict[str, tuple]:
     """Each term as (local mean, local count, global count): the mean over this process's rows and the
-    counts that turn it into this process's share of the global mean."""
+    counts that turn it into this process's share of the global mean. `only` limits the terms computed."""
     real = batch.attention_mask.bool()
     if spec.objective == "clm":
         predicted = torch.zeros_like(real)
@@ -106,7 +107,7 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden, t_logits, t_
     kd_global = batch.global_targets if spec.restrict_ce_to_mask else batch.global_tokens
 
     terms: dict[str, tuple] = {}
-    w = spec.weights
+    w = {k: v for k, v in spec.weights.items() if only is None or k in only}
     if "ce" in w:
         terms["ce"] = (losses.soft_target_kl(s_logits, t_logits, spec.temperature, kd_rows), kd_local, kd_global)
     if "mse" in w:
@@ -121,6 +122,41 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden, t_logits, t_
                 per_pair = [fn(s_hidden[s], t_hidden[t], real) for s, t in spec.layer_pairs]
                 terms[name] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.global_tokens)
     return terms
+
+
+def row_targets(spec: TermSpec, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the fused head: (indices of real positions, kd mask over them, target id of each, -100 if none)."""
+    real = batch.attention_mask.bool()
+    if spec.objective == "clm":
+        labels = torch.full_like(batch.labels, -100)
+        labels[:, :-1] = batch.labels[:, 1:]  # position i predicts token i + 1
+    else:
+        labels = batch.labels
+    flat_real = real.reshape(-1).nonzero().squeeze(1)
+    row_labels = labels.reshape(-1)[flat_real]
+    kd_rows = (row_labels != -100) if spec.restrict_ce_to_mask else torch.ones_like(row_labels, dtype=torch.bool)
+    return flat_real, kd_rows, row_labels
+
+
+def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projection, t_projection):
+    """Logit terms through the fused head: (differentiable weighted total, {term: detached global share})."""
+    from distil.fused_head import HeadTerms, fused_head_losses
+
+    flat_real, kd_rows, row_labels = row_targets(spec, batch)
+    kd_global = batch.global_targets if spec.restrict_ce_to_mask else batch.global_tokens
+    w = spec.weights
+    lm_name = "clm" if spec.objective == "clm" else "mlm"
+    terms = HeadTerms(temperature=spec.temperature, coef_ce=w.get("ce", 0.0) / max(kd_global, 1),
+                      coef_mse=w.get("mse", 0.0) / max(kd_global, 1),
+                      coef_lm=w.get(lm_name, 0.0) / max(batch.global_targets, 1))
+    hidden = s_states.reshape(-1, s_states.shape[-1])[flat_real]
+    teacher = t_states.reshape(-1, t_states.shape[-1])[flat_real] if t_states is not None else None
+    total, sums = fused_head_losses(hidden, s_projection, teacher, t_projection, kd_rows, row_labels, terms)
+    shares = {}
+    for index, name, denominator in ((0, "ce", kd_global), (1, "mse", kd_global), (2, lm_name, batch.global_targets)):
+        if name in w:
+            shares[name] = sums[index] / max(denominator, 1)
+    return total, shares
 
 
 def global_share(terms: dict[str, tuple]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""The fused output layer + logit losses equal the plain formulation: values and gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from distil.data.masking import MLMMasker, mask_probabilities
+from distil.fused_head import output_projection, projection_bypassed
+from distil.objective import (TermSpec, build_batch, compute_terms, forward, fused_logit_terms, global_share,
+                              weighted_total)
+from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
+
+
+def batch_for(objective, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(5, VOCAB_SIZE, size=n) for n in (9, 14, 6, 11, 14, 3)]
+    masker = None
+    if objective == "mlm":
+        masker = MLMMasker(mask_probabilities(np.ones(VOCAB_SIZE), [0, 1, 2, 3, 4]), 4, [0, 1, 2, 3, 4], VOCAB_SIZE)
+    gen = torch.Generator().manual_seed(seed)
+    return build_batch(seqs, 0, objective, masker, gen, rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def plain(spec, batch, student, teacher):
+    with torch.no_grad():
+        t_logits, t_hidden = forward(teacher, batch, spec.needs_hidden)
+    s_logits, s_hidden = forward(student, batch, spec.needs_hidden)
+    shares = global_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+    return weighted_total(shares, spec.weights), shares
+
+
+def fused(spec, batch, student, teacher):
+    s_proj, t_proj = output_projection(student), output_projection(teacher)
+    with torch.no_grad(), projection_bypassed(teacher, t_proj):
+        t_states, _ = forward(teacher, batch, False)
+    with projection_bypassed(student, s_proj):
+        s_states, _ = forward(student, batch, False)
+    return fused_logit_terms(spec, batch, s_states, t_states, s_proj, t_proj)
+
+
+@pytest.mark.parametrize("family,objective,restrict", [
+    ("bert", "mlm", False), ("bert", "mlm", True), ("roberta", "mlm", False), ("gpt2", "clm", False),
+    ("llama", "clm", False),
+])
+def test_fused_equals_plain(family, objective, restrict):
+    builder = {"bert": tiny_bert, "roberta": tiny_roberta, "gpt2": tiny_gpt2, "llama": tiny_llama}[family]
+    teacher = builder(num_layers=3, seed=1)
+    student = builder(num_layers=2, seed=2)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(4.0)  # confident teacher: KL and MSE far from 0
+    weights = {"ce": 5.0, "mse": 0.3, objective: 2.0}
+    spec = TermSpec(weights=weights, temperature=2.0, objective=objective, restrict_ce_to_mask=restrict,
+                    layer_pairs=[])
+    batch = batch_for(objective)
+
+    student.zero_grad()
+    total_plain, shares_plain = plain(spec, batch, student, teacher)
+    total_plain.backward()
+    grads_plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    student.zero_grad()
+    total_fused, shares_fused = fused(spec, batch, student, teacher)
+    total_fused.backward()
+    grads_fused = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
+    for name in weights:
+        assert shares_fused[name].item() == pytest.approx(shares_plain[name].item(), rel=1e-5, abs=1e-7), name
+    assert grads_fused.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The model is whole again afterwards.
+    assert output_projection(student) is not None and isinstance(student.get_output_embeddings(), torch.nn.Linear)
+
+
+def test_small_chunks_give_the_same_result():
+    from distil.fused_head import HeadTerms, fused_head_losses
+
+    torch.manual_seed(0)
+    proj, t_proj = torch.nn.Linear(8, 30), torch.nn.Linear(8, 30)
+    hidden, t_hidden = torch.randn(13, 8, requires_grad=True), torch.randn(13, 8)
+    kd = torch.rand(13) > 0.3
+    labels = torch.where(torch.rand(13) > 0.5, torch.randint(0, 30, (13,)), torch.full((13,), -100))
+    terms = HeadTerms(temperature=3.0, coef_ce=0.7, coef_mse=0.1, coef_lm=1.3)
+    results = []
+    for chunk in (1, 4, 13, 100):
+        hidden.grad = None
+        proj.zero_grad()
+        total, sums = fused_head_losses(hidden, proj, t_hidden, t_proj, kd, labels, terms, chunk=chunk)
+        total.backward()
+        results.append((total.item(), sums.clone(), hidden.grad.clone(), proj.weight.grad.clone()))
+    for total, sums, g_h, g_w in results[1:]:
+        assert total == pytest.approx(results[0][0], rel=1e-6)
+        torch.testing.assert_close(sums, results[0][1])
+        torch.testing.assert_close(g_h, results[0][2])
+        torch.testing.assert_close(g_w, results[0][3])
