@@ -102,7 +102,8 @@ def _add_task(sub) -> argparse.ArgumentParser:
                     "softened outputs (KL at a temperature times T^2, mixed with the task loss). Without --teacher it is "
                     "plain fine-tuning (use it to measure downstream retention).",
     )
-    p.add_argument("task", choices=["classification", "ner", "qa"])
+    p.add_argument("task", choices=["classification", "ner", "qa"],
+                   help="classification (GLUE-style, single sentences or pairs), ner (CoNLL), or qa (SQuAD v1.1/v2.0)")
     p.add_argument("--recipe", default=None, metavar="YAML",
                    help="a task recipe (see recipes/tasks/): its keys are these options' names; flags given on the "
                         "command line win")
@@ -150,6 +151,64 @@ def _add_task(sub) -> argparse.ArgumentParser:
     cl.add_argument("--train-split", default="train", help="split of --dataset to train on (default train)")
     cl.add_argument("--eval-split", default="validation", help="split of --dataset to evaluate on (default validation)")
     return p
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare a teacher, its students and baselines: quality, size, speed, downstream retention",
+        description="Evaluate models in the order given (the first, normally the teacher, is the reference for the "
+                    "ratios): held-out MLM loss and masked-token accuracy on fixed seeded masks (or causal loss and "
+                    "perplexity), hidden-state fidelity to a reference model, parameters and size on disk, latency "
+                    "(batch 1) and throughput on CPU and GPU, and with a labelled task, accuracy and macro-F1 after "
+                    "identical fine-tuning. Prints one Markdown table; --output writes JSON.",
+    )
+    p.add_argument("models", nargs="+", metavar="[NAME=]MODEL", help="model directories or hub ids, optionally named")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="held-out text: a `distil prepare` directory, or text files (tokenized per model)")
+    p.add_argument("--split", default="heldout", help="split of a prepared directory to read (default heldout)")
+    p.add_argument("--max-sequences", type=int, default=256, help="held-out sequences to score (default 256)")
+    p.add_argument("--max-length", type=int, default=128, help="longest held-out sequence in tokens (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size for scoring (default 16)")
+    p.add_argument("--mask-seed", type=int, default=0, help="seed of the fixed MLM masks (default 0)")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens masked (default 0.15)")
+    p.add_argument("--reference", default=None,
+                   help="model whose mean-pooled hidden states the others are compared with (hidden-state fidelity)")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency and throughput measurements")
+    p.add_argument("--devices", nargs="+", default=None, help="speed devices: cpu and/or cuda (default: all present)")
+    p.add_argument("--seq-length", type=int, default=128, help="sequence length for speed (default 128)")
+    p.add_argument("--speed-batch-size", type=int, default=32, help="batch size for throughput (default 32)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--task-train", default=None, help="labelled training data (.csv / .jsonl) for downstream retention")
+    p.add_argument("--task-eval", default=None, help="labelled evaluation data (.csv / .jsonl)")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per model; mean and spread reported (default 1)")
+    p.add_argument("--first-seed", type=int, default=42, help="first fine-tuning seed (default 42)")
+    p.add_argument("--task-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--task-lr", type=float, default=5e-5, help="fine-tuning learning rate (default 5e-5)")
+    p.add_argument("--task-batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
+    p.add_argument("--task-max-length", type=int, default=128, help="fine-tuning sequence length (default 128)")
+    p.add_argument("--text-columns", type=lambda s: [c for c in s.split(",") if c], default=None,
+                   help="text column(s) of the task data (default: detected)")
+    p.add_argument("--label-column", default="label", help="label column of the task data (default label)")
+    p.add_argument("--task-output-dir", default=None, help="keep the fine-tuned models here (default: a temporary dir)")
+    p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plots and a Markdown summary from run directories (and an evaluation)",
+        description="Draw training loss terms, held-out losses (student against teacher), learning rate and "
+                    "tokens/s over steps for one or more runs, and with --evaluation, teacher vs student bars for "
+                    "quality, size and speed; write them as PNGs with a summary.md.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by distil train")
+    p.add_argument("--output-dir", "-o", required=True, help="directory for the PNGs and summary.md")
+    p.add_argument("--evaluation", default=None, help="a JSON written by distil evaluate --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds a report")
 
 
 def _add_demo(sub) -> None:
@@ -201,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_student(sub)
     _add_train(sub)
     parser._task_parser = _add_task(sub)  # type: ignore[attr-defined]
+    _add_evaluate(sub)
+    _add_report(sub)
     _add_demo(sub)
     return parser
 
@@ -250,6 +311,24 @@ def run(args: argparse.Namespace) -> None:
             log_every=args.log_every, seed=args.seed, device=args.device, overwrite=args.overwrite,
         )
         print(json.dumps(metrics, indent=2))
+    elif args.command == "evaluate":
+        from distil.evaluate import evaluate
+
+        evaluate(
+            models=args.models, data=args.data, split=args.split, max_sequences=args.max_sequences,
+            max_length=args.max_length, batch_size=args.batch_size, mask_seed=args.mask_seed,
+            mlm_probability=args.mlm_probability, reference=args.reference, speed_test=not args.no_speed,
+            devices=args.devices, seq_length=args.seq_length, speed_batch_size=args.speed_batch_size,
+            warmup=args.warmup, repeats=args.repeats, cpu_threads=args.threads, task_train=args.task_train,
+            task_eval=args.task_eval, seeds=args.seeds, first_seed=args.first_seed, task_epochs=args.task_epochs,
+            task_lr=args.task_lr, task_batch_size=args.task_batch_size, task_max_length=args.task_max_length,
+            text_columns=args.text_columns, label_column=args.label_column, task_output_dir=args.task_output_dir,
+            output=args.output, overwrite=args.overwrite,
+        )
+    elif args.command == "report":
+        from distil.report import report
+
+        report(args.runs, args.output_dir, evaluation=args.evaluation, overwrite=args.overwrite)
     elif args.command == "demo":
         from distil.demo import run_demo
 

@@ -1,0 +1,36 @@
+import pytest
+
+from distil.cli import build_parser, main
+
+COMMANDS = ["prepare", "init-student", "train", "task", "evaluate", "report", "demo"]
+
+
+def subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return parser, action.choices
+
+
+def test_every_option_of_every_command_is_described():
+    parser, commands = subparsers()
+    assert sorted(commands) == sorted(COMMANDS)
+    for name, sub in commands.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help and len(action.help) > 8, (name, action.dest)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_cleanly(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: distil " + command in capsys.readouterr().out
+
+
+def test_user_errors_are_one_paragraph_without_traceback(tmp_path, capsys):
+    code = main(["init-student", str(tmp_path / "missing-teacher"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("distil init-student: error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
