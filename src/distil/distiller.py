@@ -170,7 +170,7 @@ def train(config: TrainConfig) -> dict:
         heldout = TokenSequences(config.data.path, "heldout", config.data.max_length)
     pad_id = pad_id_of(manifest)
     vocab_size = models.student.get_input_embeddings().num_embeddings
-    masker = _masker(config, config.data.path, manifest, vocab_size, models.tokenizer) if spec.objective == "mlm" else None
+    masker = _masker(config, config.data.path, manifest, vocab_size, models.tokenizer) if spec.needs_masking else None
     global_batch = config.data.batch_size * world
     sampler = GlobalBatchSampler(train_data.lengths, global_batch, seed=config.run.seed,
                                  group_by_length=config.data.group_by_length)
@@ -309,16 +309,20 @@ def fused_projections(config: TrainConfig, models, spec) -> tuple | None:
 def _micro_step(acc, models, trained_wrapped, spec, batch, fused) -> tuple[torch.Tensor, dict]:
     """Forward both models; returns (this process's weighted loss, {term: detached global share})."""
     if fused is None:
+        t_logits = t_hidden = None
         # no_grad rather than inference_mode: teacher outputs feed the loss, whose backward saves them.
         with torch.no_grad(), acc.autocast():
-            t_logits, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
+            if spec.needs_teacher:  # a student-only baseline (alpha_mlm alone) skips the teacher
+                t_logits, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
         s_logits, s_hidden = forward(trained_wrapped, batch, spec.needs_hidden)
         shares = global_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
         return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
     s_proj, t_proj = fused
+    t_states = t_hidden = None
     with torch.no_grad(), acc.autocast():
         with projection_bypassed(models.teacher, t_proj) if t_proj is not None else contextlib.nullcontext():
-            t_states, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
+            if spec.needs_teacher:
+                t_states, t_hidden = forward(models.teacher, batch, spec.needs_hidden)
     with projection_bypassed(models.student, s_proj):
         s_states, s_hidden = forward(trained_wrapped, batch, spec.needs_hidden)
     total, shares = fused_logit_terms(spec, batch, s_states, t_states if t_proj is not None else None, s_proj, t_proj)

@@ -35,9 +35,13 @@ def build_batch(sequences: list[np.ndarray], pad_id: int, objective: str, masker
     """Pad the global batch, draw its MLM targets (identically on every process), keep this process's rows."""
     ids, mask = pad_batch(sequences, pad_id)
     ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-    if objective == "mlm":
+    if objective == "mlm" and masker is not None:
         ids, labels = masker(ids, mask, generator=generator)
         target_mask = labels != -100
+    elif objective == "mlm":
+        # Hidden-state losses alone: the student learns the teacher's states on clean text, as it will see it.
+        labels = torch.full_like(ids, -100)
+        target_mask = torch.zeros_like(mask, dtype=torch.bool)
     else:
         labels = causal_lm_labels(ids, mask)
         target_mask = torch.zeros_like(mask, dtype=torch.bool)
@@ -73,6 +77,15 @@ class TermSpec:
     @property
     def needs_hidden(self) -> bool:
         return any(t in self.weights for t in HIDDEN_TERMS)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.needs_teacher_logits or self.needs_hidden
+
+    @property
+    def needs_masking(self) -> bool:
+        """MLM corruption only matters to losses on logits; hidden-state matching uses clean text."""
+        return self.objective == "mlm" and self.needs_logits
 
 
 def term_spec_from(config, layer_pairs: list[tuple[int, int]]) -> TermSpec:

@@ -120,7 +120,8 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     student.to(device)
 
     init_record = None
-    record_path = student_path / "distil_init.json" if student_path.is_dir() else None
+    # A student from random weights has no teacher layers, whatever sits beside its config.
+    record_path = student_path / "distil_init.json" if student_path.is_dir() and not config.student.config else None
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 

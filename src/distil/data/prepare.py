@@ -149,7 +149,7 @@ def frame_and_clean(
     Returns the framed ids back to back and the length of each kept sequence.
     """
     body_max = max_length - framing.size
-    line_lens = np.fromiter((len(x) for x in ids_per_line), dtype=np.int64, count=len(ids_per_line))
+    line_lens = np.fromiter(map(len, ids_per_line), dtype=np.int64, count=len(ids_per_line))
     # chain.from_iterable feeds numpy from C; a generator expression would run Python bytecode per token.
     flat = np.fromiter(itertools.chain.from_iterable(ids_per_line), dtype=np.int64, count=int(line_lens.sum()))
     stats.sequences_in += len(line_lens)
