@@ -20,7 +20,7 @@ from distil.metrics_log import METRICS, read_metrics
 from distil.outputs import atomic_output_dir
 
 SUMMARY = "summary.md"
-HELDOUT_SKIP = {"step", "split", "batches"}
+HELDOUT_SKIP = {"step", "split", "batches", "tokens_per_s"}
 QUALITY = ["mlm_accuracy", "next_token_accuracy", "hidden_cosine", "task_accuracy", "task_macro_f1"]
 SIZE = ["params_total", "params_non_embedding", "disk_mb"]
 SPEED = ["latency_ms_cpu", "sequences_per_s_cpu", "latency_ms_cuda", "sequences_per_s_cuda"]
