@@ -43,7 +43,9 @@ def count_parameters(model: torch.nn.Module) -> dict:
 
 def weights_on_disk(path: str) -> int | None:
     """Bytes of the weight files of a local model (a directory or one .gguf file); None for hub ids."""
-    location = Path(path).expanduser()
+    from distil.loading import resolve_source
+
+    location = Path(resolve_source(path)).expanduser()
     if location.is_file():
         return location.stat().st_size
     if not location.is_dir():
