@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 128
 
 
 @dataclass
@@ -29,11 +29,33 @@ class HeadTerms:
     coef_lm: float = 0.0      # cross-entropy against row labels (MLM targets or next tokens)
 
 
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Three float32 (rows, vocab) buffers kept from step to step (one chunk's student logits, teacher logits and
+    scratch). Every logits-sized intermediate is written into them with out= and in-place ops: glibc serves a
+    fresh allocation of that size with mmap, so each one is page-faulted in at every use, which on a CPU cost
+    about as much as the arithmetic (165,000 faults and 0.2 s per step at batch 16 x 46, vocabulary 30,522)."""
+    key = (rows, vocab, device)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        _WORKSPACE.clear()
+        buf = _WORKSPACE[key] = torch.empty(3, rows, vocab, dtype=torch.float32, device=device)
+    return buf
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if h.dtype == torch.float32 and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
+        return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+    return out.copy_(F.linear(h, w.to(h.dtype), b.to(h.dtype) if b is not None else None))
+
+
 class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, kd_rows, labels,
                 terms: HeadTerms, chunk: int):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         T = terms.temperature
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -42,48 +64,79 @@ class _FusedHead(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
         need_teacher = terms.coef_ce != 0 or terms.coef_mse != 0
+        work = _workspace(chunk, vocab, hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(n, start + chunk))
+            c = rows.stop - start
             h = hidden[rows]
-            logits = F.linear(h, w, b).float()
-            grad = torch.zeros_like(logits)
-            if need_teacher:
-                kd = kd_rows[rows].unsqueeze(1).to(logits.dtype)
-                t_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias).float()
-                if terms.coef_ce != 0:
-                    log_p_s = F.log_softmax(logits / T, dim=-1)
-                    log_p_t = F.log_softmax(t_logits / T, dim=-1)
-                    p_t = log_p_t.exp()
-                    kl = (p_t * (log_p_t - log_p_s)).sum(-1) * (T * T)
-                    sums[0] += (kl * kd.squeeze(1)).sum()
-                    # d(T^2 KL)/d logits = T (softmax(s/T) - softmax(t/T))
-                    grad += terms.coef_ce * T * (log_p_s.exp() - p_t) * kd
-                    del log_p_s, log_p_t, p_t
-                if terms.coef_mse != 0:
-                    diff = (logits - t_logits) * kd
-                    sums[1] += (diff * diff).sum()
-                    grad += terms.coef_mse * 2.0 * diff
-                del t_logits
+            s = _logits_into(work[0, :c], h, w, b)          # student logits
+            grad = work[2, :c]                               # d loss / d logits, built in place
+            have_grad = False
+            lm_rows, lm_grad = None, None
             if terms.coef_lm != 0:
                 lab = labels[rows]
-                has_label = lab != -100
-                if bool(has_label.any()):
-                    log_p = F.log_softmax(logits, dim=-1)
-                    safe = lab.clamp(min=0)
-                    picked = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
-                    sums[2] -= (picked * has_label).sum()
-                    g_lm = log_p.exp()
-                    g_lm.scatter_add_(1, safe.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
-                    grad += terms.coef_lm * g_lm * has_label.unsqueeze(1)
-                    del log_p, g_lm
+                lm_rows = (lab != -100).nonzero().squeeze(1)
+                if lm_rows.numel():
+                    # cross-entropy on the labelled rows only (about 15% under MLM): a small copy
+                    log_p = F.log_softmax(s.index_select(0, lm_rows), dim=-1)
+                    target = lab.index_select(0, lm_rows).unsqueeze(1)
+                    sums[2] -= log_p.gather(1, target).sum()
+                    lm_grad = log_p.exp_()
+                    lm_grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=lm_grad.dtype))
+                    lm_grad.mul_(terms.coef_lm)
+            if need_teacher:
+                kd = kd_rows[rows]
+                every_row = bool(kd.all())
+                t = _logits_into(work[1, :c], teacher_hidden[rows], teacher_weight, teacher_bias)
+                if terms.coef_mse != 0:
+                    # rare term: plain temporaries are fine
+                    diff = (s - t) * kd.unsqueeze(1).to(s.dtype)
+                    sums[1] += (diff * diff).sum()
+                    grad.copy_(diff).mul_(2.0 * terms.coef_mse)
+                    have_grad = True
+                    del diff
+                if terms.coef_ce != 0:
+                    scratch = work[2, :c] if not have_grad else torch.empty_like(t)
+                    log_p_t = torch.log_softmax(t.div_(T), dim=-1, out=scratch)
+                    p_t = torch.exp(log_p_t, out=t)                      # teacher probabilities replace its logits
+                    if not every_row:
+                        p_t[~kd] = 0.0
+                    # log p_s = s/T - logsumexp(s/T), and q = softmax(s/T), computed in place in s
+                    s.div_(T)
+                    diff = log_p_t.sub_(s)                               # log p_t - s/T
+                    row_max = s.amax(dim=-1, keepdim=True)
+                    q = s.sub_(row_max).exp_()
+                    row_sum = q.sum(dim=-1, keepdim=True)
+                    diff.add_(row_max + row_sum.log())                   # log p_t - log p_s
+                    sums[0] += diff.mul_(p_t).sum() * (T * T)
+                    del diff, log_p_t, scratch
+                    # d(T^2 KL)/d logits = T (softmax(s/T) - softmax(t/T)) on kd rows
+                    q.div_(row_sum).sub_(p_t).mul_(terms.coef_ce * T)
+                    if not every_row:
+                        q[~kd] = 0.0
+                    if have_grad:
+                        grad.add_(q)
+                    else:
+                        grad = q
+                        have_grad = True
+            if not have_grad:
+                grad.zero_()
+            if lm_grad is not None:
+                grad.index_add_(0, lm_rows, lm_grad)
+                del lm_grad
             g = grad.to(hidden.dtype)
-            grad_hidden[rows] = g @ w
-            grad_weight += (g.t() @ h).float()
+            if g.dtype == torch.float32 and w.dtype == torch.float32:
+                torch.mm(g, w, out=grad_hidden[rows])
+                grad_weight.addmm_(g.t(), h)
+            else:
+                grad_hidden[rows] = g @ w
+                grad_weight += (g.t() @ h).float()
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
-            del logits, grad, g
+            del g, grad
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if grad_bias is not None else torch.empty(0))
         ctx.has_bias = bias is not None
+        ctx.used = False
         ctx.dtypes = (hidden.dtype, weight.dtype)
         total = terms.coef_ce * sums[0] + terms.coef_mse * sums[1] + terms.coef_lm * sums[2]
         ctx.mark_non_differentiable(sums)
@@ -91,11 +144,16 @@ class _FusedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
+        if ctx.used:
+            raise RuntimeError("the fused head's gradients are scaled in place; backward through it runs once")
+        ctx.used = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         scale = grad_total.float()
-        return ((grad_hidden * scale).to(h_dtype), (grad_weight * scale).to(w_dtype),
-                (grad_bias * scale).to(w_dtype) if ctx.has_bias else None,
+        # In place: these buffers exist only for this backward, and a weight-sized copy costs a page-faulted
+        # allocation per step.
+        return (grad_hidden.mul_(scale).to(h_dtype), grad_weight.mul_(scale).to(w_dtype),
+                grad_bias.mul_(scale).to(w_dtype) if ctx.has_bias else None,
                 None, None, None, None, None, None, None)
 
 

@@ -253,7 +253,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
             (decay if param.ndim >= 2 else no_decay).append(param)
     o = config.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused: one kernel per step; the default on CPU is a per-tensor loop of ~10 passes with weight-sized
+    # temporaries (84 -> 17 ms per step for a 17M-parameter student on 2 cores). CUDA has it too.
+    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]) or None
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_fraction: float):
