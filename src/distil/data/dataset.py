@@ -9,7 +9,6 @@ with batch B compute what 1 process with batch 2B computes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +138,3 @@ def pad_id_of(manifest: dict) -> int:
             return int(special[key])
     return 0
 
-
-def epochs_for(steps: int, batches_per_epoch: int) -> float:
-    return steps / max(1, batches_per_epoch)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf

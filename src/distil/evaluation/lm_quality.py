@@ -23,7 +23,7 @@ import yaml
 
 from distil import losses
 from distil.data import shards
-from distil.data.dataset import TokenSequences
+from distil.data.dataset import TokenSequences, pad_batch
 from distil.data.masking import IGNORE_INDEX, MLMMasker, causal_lm_labels, mask_probabilities
 from distil.data.prepare import CleaningStats, frame_and_clean, framing_for
 from distil.data.textfiles import ReadStats, check_input_files, iter_lines
@@ -157,13 +157,7 @@ def targets_digest(targets: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
 # --- scoring -----------------------------------------------------------------------------------------------------
 
 def _pad(rows: list[torch.Tensor], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
+    return pad_batch([r.numpy() if isinstance(r, torch.Tensor) else r for r in rows], fill)
 
 
 @torch.inference_mode()
