@@ -1,23 +1,19 @@
 """Many processes on CPU with the gloo backend, launched the way users launch them (torchrun)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from distil.metrics_log import read_metrics
-from train_fixtures import prepared_data, teacher_dir, write_recipe
+from train_fixtures import bert_workspace, subprocess_env, write_recipe
 
 STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    teacher = teacher_dir(root, "bert")
-    data = prepared_data(root, teacher, name="data")
-    return root, teacher, data
+    return bert_workspace(tmp_path_factory.mktemp("ddp"))
 
 
 def free_port() -> int:
@@ -29,7 +25,7 @@ def free_port() -> int:
 
 
 def launch(args, processes: int, timeout: int = 240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env()
     if processes == 1:
         cmd = [sys.executable, "-m", "distil", "train", *args]
     else:

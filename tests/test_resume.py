@@ -1,6 +1,5 @@
 """Runs that survive: SIGKILL then resume, SIGTERM saves and stops, damaged checkpoints are skipped."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,17 +9,14 @@ import pytest
 
 from distil import checkpoint as ckpt
 from distil.metrics_log import read_metrics
-from train_fixtures import prepared_data, teacher_dir, write_recipe
+from train_fixtures import bert_workspace, subprocess_env, write_recipe
 
 STEPS = 150
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    teacher = teacher_dir(root, "bert")
-    data = prepared_data(root, teacher, name="data")
-    return root, teacher, data
+    return bert_workspace(tmp_path_factory.mktemp("resume"))
 
 
 def recipe(workspace, name, **run):
@@ -31,7 +27,7 @@ def recipe(workspace, name, **run):
 
 
 def start(path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env()
     return subprocess.Popen([sys.executable, "-m", "distil", "train", str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,14 @@ def write_recipe(path: Path, teacher_path: Path, data_path: Path, output_dir: Pa
         recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+def bert_workspace(root: Path) -> tuple[Path, Path, Path]:
+    """(root, tiny BERT teacher, prepared data) for tests that launch `distil train` in subprocesses."""
+    teacher = teacher_dir(root, "bert")
+    return root, teacher, prepared_data(root, teacher, name="data")
+
+
+def subprocess_env() -> dict:
+    """Environment for `distil` child processes: one thread each (several share 2 cores), offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
