@@ -21,9 +21,9 @@ def test_seed_recipes_parse_and_keep_the_seed_settings(name):
     # The paper's ~4K-sequence batches: 5 per process x accumulation, whatever the process count.
     assert config.accumulation_steps(1) * 5 == 4000 and config.accumulation_steps(8) * 5 * 8 == 4000
     if name == "distilgpt2":
-        assert config.objective == "clm" and config.loss.alpha_clm == 2.0 and config.loss.alpha_mlm == 0
+        assert config.loss.objective == "clm" and config.loss.alpha_clm == 2.0 and config.loss.alpha_mlm == 0
     else:
-        assert config.objective == "mlm" and config.loss.alpha_mlm == 2.0
+        assert config.loss.objective == "mlm" and config.loss.alpha_mlm == 2.0
     assert "/" not in config.teacher.path  # a hub id, resolved by transformers where the hub is reachable
 
 

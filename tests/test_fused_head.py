@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from distil.data.masking import MLMMasker, mask_probabilities
-from distil.fused_head import output_projection, projection_bypassed
-from distil.objective import (TermSpec, build_batch, compute_terms, forward, fused_logit_terms, global_share,
-                              weighted_total)
+from distil.training.fused_head import output_projection, projection_bypassed
+from distil.training.objective import (TermSpec, build_step, compute_terms, forward, fused_logit_terms, step_share,
+                                       weighted_total)
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
 
 
@@ -18,14 +18,14 @@ def batch_for(objective, seed=0):
     if objective == "mlm":
         masker = MLMMasker(mask_probabilities(np.ones(VOCAB_SIZE), [0, 1, 2, 3, 4]), 4, [0, 1, 2, 3, 4], VOCAB_SIZE)
     gen = torch.Generator().manual_seed(seed)
-    return build_batch(seqs, 0, objective, masker, gen, rank=0, world_size=1, device=torch.device("cpu"))
+    return build_step(seqs, 0, objective, masker, gen, rank=0, world_size=1, device=torch.device("cpu"))[0]
 
 
 def plain(spec, batch, student, teacher):
     with torch.no_grad():
         t_logits, t_hidden = forward(teacher, batch, spec.needs_hidden)
     s_logits, s_hidden = forward(student, batch, spec.needs_hidden)
-    shares = global_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+    shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
     return weighted_total(shares, spec.weights), shares
 
 
@@ -74,7 +74,7 @@ def test_fused_equals_plain(family, objective, restrict):
 
 
 def test_small_chunks_give_the_same_result():
-    from distil.fused_head import HeadTerms, fused_head_losses
+    from distil.training.fused_head import HeadTerms, fused_head_losses
 
     torch.manual_seed(0)
     proj, t_proj = torch.nn.Linear(8, 30), torch.nn.Linear(8, 30)
@@ -94,3 +94,18 @@ def test_small_chunks_give_the_same_result():
         torch.testing.assert_close(sums, results[0][1])
         torch.testing.assert_close(g_h, results[0][2])
         torch.testing.assert_close(g_w, results[0][3])
+
+
+def test_output_projection_must_map_onto_the_vocabulary():
+    """DeBERTa-v2 with legacy=False reports its hidden->hidden transform as the output embeddings (it projects with
+    the word embeddings afterwards): that layer must not stand in for the head, or the fused head computes
+    logits over 32 "tokens"."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    shape = dict(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64)
+    new_head = DebertaV2ForMaskedLM(DebertaV2Config(legacy=False, **shape))
+    assert new_head.get_output_embeddings().out_features == 32
+    assert output_projection(new_head) is None
+    legacy = DebertaV2ForMaskedLM(DebertaV2Config(legacy=True, **shape))
+    assert output_projection(legacy) is legacy.get_output_embeddings()

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from distil.losses import (
     causal_lm_loss,
-    check_finite,
-    combine,
     hidden_cosine,
     hidden_mse,
     logit_mse,
@@ -305,46 +303,3 @@ def test_fast_lm_losses_match_plain(random_batch):
     _, s_logits, _, _, _, labels, mlm_labels = random_batch
     assert torch.allclose(masked_lm_loss(s_logits, mlm_labels), plain_mlm(s_logits, mlm_labels), atol=1e-5)
     assert torch.allclose(causal_lm_loss(s_logits, labels), plain_clm(s_logits, labels), atol=1e-5)
-
-
-# --- combine / check_finite ----------------------------------------------------------------------
-
-
-def test_combine_weights_and_skips_zero_weights():
-    kd = torch.tensor(2.0, requires_grad=True)
-    mlm = torch.tensor(3.0, requires_grad=True)
-    cos = torch.tensor(float("nan"))  # weight 0: left out, so its NaN cannot poison the total
-    total, values = combine({"kd": kd, "mlm": mlm, "cos": cos}, {"kd": 5.0, "mlm": 2.0, "cos": 0.0, "mse": 0.0})
-    assert total.item() == pytest.approx(5 * 2 + 2 * 3)
-    assert values == {"kd": 2.0, "mlm": 3.0, "total": 16.0}
-    assert all(type(v) is float for v in values.values())
-    total.backward()
-    assert kd.grad.item() == 5.0 and mlm.grad.item() == 2.0
-
-
-def test_combine_rejects_inconsistent_terms_and_weights():
-    one = torch.tensor(1.0)
-    with pytest.raises(ValueError, match="no weight"):
-        combine({"kd": one}, {})
-    with pytest.raises(ValueError, match="not computed"):
-        combine({"kd": one}, {"kd": 1.0, "mlm": 0.5})
-    with pytest.raises(ValueError, match="every loss weight is zero"):
-        combine({"kd": one}, {"kd": 0.0})
-
-
-def test_check_finite_passes_finite_terms():
-    check_finite({"kd": torch.tensor(1.0), "mlm": 2.5}, step=3)
-
-
-@pytest.mark.parametrize(
-    "terms, message",
-    [
-        ({"mlm": torch.tensor(1.0), "kd": torch.tensor(float("nan"))}, "step 12: loss term 'kd' is nan"),
-        ({"kd": torch.tensor(float("inf")), "cos": torch.tensor(float("nan"))}, "step 12: loss term 'kd' is inf"),
-        ({"kd": 1.0, "mse": float("-inf")}, "step 12: loss term 'mse' is -inf"),
-    ],
-)
-def test_check_finite_names_step_and_first_bad_term(terms, message):
-    with pytest.raises(FloatingPointError) as info:
-        check_finite(terms, step=12)
-    assert str(info.value) == message

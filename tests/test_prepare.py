@@ -209,3 +209,28 @@ def test_nothing_left_when_all_lines_are_dropped(tmp_path, bert_tok, capsys):
     code, err = run_cli(["prepare", str(src), "--tokenizer", str(bert_tok), "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "No training sequences" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family,prefix,suffix", [("bert", [2], [3]), ("gpt2", [0], [0])])
+def test_max_length_truncation_keeps_the_closing_token(tmp_path, family, prefix, suffix):
+    """data.max_length (train) and --max-length (evaluate) cut inside the framing, as prepare does for long lines:
+    a truncated [CLS] ... [SEP] keeps its [SEP], and GPT-2's end-of-text stays last."""
+    from distil.data.dataset import TokenSequences
+    from distil.evaluation.lm_quality import load_heldout
+
+    tok = word_level_tokenizer(tmp_path / "tok", n_words=50, family=family)
+    text = write(tmp_path / "in.txt", [words(*range(20)), words(*range(5, 10))] * 8)
+    prepare([str(text)], str(tok), str(tmp_path / "out"), heldout_fraction=0.5, progress=False, min_length=3)
+    full = TokenSequences(tmp_path / "out", "train")
+    cut = TokenSequences(tmp_path / "out", "train", max_length=8)
+    for i in range(len(full)):
+        whole, short = full[i].tolist(), cut[i].tolist()
+        if len(whole) <= 8:
+            assert short == whole
+        else:
+            assert short == whole[:8 - len(suffix)] + suffix and short[:len(prefix)] == prefix
+    assert any(len(full[i]) > 8 for i in range(len(full)))
+    heldout = load_heldout([str(tmp_path / "out")], max_length=8)
+    assert all(seq[-len(suffix):].tolist() == suffix and len(seq) <= 8 for seq in heldout.sequences)
+    with pytest.raises(DistilError, match="leaves no room for text"):
+        TokenSequences(tmp_path / "out", "train", max_length=2)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from distil import checkpoint as ckpt
+from distil.training import checkpoint as ckpt
 from distil.metrics_log import read_metrics
 from train_fixtures import bert_workspace, subprocess_env, write_recipe
 

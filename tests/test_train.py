@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from distil.config import load_config
-from distil.distiller import train
+from distil.training.loop import train
 from distil.errors import DistilError
 from distil.metrics_log import read_metrics
 from train_fixtures import prepared_data, teacher_dir, write_recipe
@@ -51,8 +51,10 @@ def test_distillation_lowers_the_loss(workspace, family):
 
 def test_trained_student_reloads_with_the_same_outputs(workspace):
     """The held-out losses the loop measured at the end are reproduced by the reloaded student."""
-    from distil.distiller import evaluate_heldout, make_accelerator
-    from distil.train_setup import load_models
+    from distil.data.dataset import TokenSequences, pad_id_of
+    from distil.training.heldout import evaluate_heldout, heldout_batches
+    from distil.training.objective import Objective, term_spec_from
+    from distil.training.setup import build_masker, layer_pairs, load_models, make_accelerator
 
     summary, run_dir = run(workspace, "bert", "run-reload", optim={"max_steps": 8})
     config = load_config(run_dir / "recipe.yaml", ["run.overwrite=false"])
@@ -60,15 +62,14 @@ def test_trained_student_reloads_with_the_same_outputs(workspace):
     config.student.path = str(run_dir / "student")
     acc = make_accelerator(config)
     models = load_models(config, config.student.path, acc.device)
-    from distil.data.dataset import TokenSequences, pad_id_of
-    from distil.distiller import _masker
-    from distil.objective import term_spec_from
-    from distil.train_setup import layer_pairs
-
     heldout = TokenSequences(config.data.path, "heldout")
-    spec = term_spec_from(config, layer_pairs(config, models.student.config, models.teacher.config, models.init_record))
-    masker = _masker(config, config.data.path, heldout.manifest, 96, models.tokenizer)
-    again = evaluate_heldout(acc, models, spec, heldout, masker, config, pad_id_of(heldout.manifest))
+    pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
+    objective = Objective(term_spec_from(config, models.objective, pairs), models.teacher, models.student, None,
+                          acc.autocast)
+    masker = build_masker(config, config.data.path, heldout.manifest, 96, models.tokenizer)
+    batches = heldout_batches(heldout, config.data.batch_size, config.run.eval_batches)
+    again = evaluate_heldout(acc, objective, models.student_trained, heldout, batches, masker,
+                             pad_id_of(heldout.manifest))
     for key in ("student_mlm", "teacher_mlm", "kd", "cos"):
         assert again[key] == pytest.approx(summary["heldout"][key], abs=1e-5), key
     base = AutoModel.from_pretrained(run_dir / "student").eval()
@@ -211,3 +212,93 @@ def test_nan_loss_stops_with_step_and_term(workspace):
     recipe = write_recipe(workspace / "nan.yaml", broken, data, workspace / "run-nan")
     with pytest.raises(DistilError, match=r"step 1: loss term 'ce' is nan"):
         train(load_config(recipe))
+
+
+# --- the objective comes from the teacher, not from the loss weights --------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("weights", [{"alpha_ce": 1.0}, {"alpha_cos": 1.0}], ids=["ce-only", "cos-only"])
+def test_objective_of_a_decoder_teacher_is_causal_without_alpha_clm(workspace, family, weights):
+    loss = {"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, **weights}
+    summary, run_dir = run(workspace, family, f"run-objective-{family}-{'-'.join(weights)}", loss=loss,
+                           optim={"max_steps": 12, "lr": 1e-2})
+    term = "loss_" + next(iter(weights)).removeprefix("alpha_")
+    rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert rows[-1][term] < rows[0][term]
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "student").config.model_type == family
+    if "alpha_ce" in weights:  # the causal held-out metrics, not masked-LM ones
+        assert {"student_clm", "teacher_clm", "student_perplexity"} <= set(summary["heldout"])
+
+
+@pytest.mark.parametrize("family,loss,match", [
+    ("gpt2", {"alpha_mlm": 1.0}, "masked-LM .* gpt2 decoder"),
+    ("gpt2", {"objective": "mlm"}, "masked-LM .* gpt2 decoder"),
+    ("bert", {"alpha_mlm": 0.0, "alpha_clm": 1.0}, "causal-LM .* bidirectional bert encoder"),
+    ("bert", {"objective": "clm", "alpha_mlm": 0.0}, "causal-LM .* bidirectional bert encoder"),
+])
+def test_objective_that_contradicts_the_teacher_is_refused(workspace, family, loss, match):
+    expect_error(workspace, match, family=family, loss={"alpha_ce": 1.0, "alpha_mlm": 0.0, **loss})
+
+
+def test_objective_recipe_key_is_validated():
+    from distil.config import TrainConfig, validate
+
+    config = TrainConfig()
+    config.teacher.path, config.data.path = "t", "d"
+    config.loss.objective = "seq2seq"
+    with pytest.raises(DistilError, match="loss.objective must be auto, mlm or clm"):
+        validate(config)
+
+
+# --- a library user calls train() more than once -----------------------------------------------------------
+
+def test_train_twice_in_one_process_with_another_mixed_precision(workspace):
+    first, _ = run(workspace, "bert", "run-twice-fp32", optim={"max_steps": 2})
+    second, run_dir = run(workspace, "bert", "run-twice-bf16", optim={"max_steps": 2}, run={"mixed_precision": "bf16"})
+    assert first["steps"] == second["steps"] == 2
+    assert load_config(run_dir / "recipe.yaml").run.mixed_precision == "bf16"
+
+
+# --- held-out evaluation ---------------------------------------------------------------------------------
+
+def test_heldout_smaller_than_a_batch_is_evaluated_and_said(workspace, caplog):
+    teacher = teacher_dir(workspace, "bert")
+    small = prepared_data(workspace, teacher, name="data-small-heldout", n_lines=120, heldout=0.03)
+    from distil.data.dataset import TokenSequences
+
+    n_heldout = len(TokenSequences(small, "heldout"))
+    assert 0 < n_heldout < 8
+    recipe = write_recipe(workspace / "small-heldout.yaml", teacher, small, workspace / "run-small-heldout",
+                          optim={"max_steps": 2})
+    with caplog.at_level("WARNING"):
+        summary = train(load_config(recipe))
+    assert summary["heldout"]["batches"] == 1 and {"student_mlm", "teacher_mlm", "kd", "cos"} <= set(summary["heldout"])
+    assert sum("fewer than one global batch" in r.message for r in caplog.records) == 1
+
+
+def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
+    """Causal held-out losses (no masks) are token means over the same sequences: batches of 4 (the last one
+    partial) and one batch of all of them give the same numbers."""
+    from distil.data.dataset import TokenSequences, pad_id_of
+    from distil.training.heldout import evaluate_heldout, heldout_batches
+    from distil.training.objective import Objective, term_spec_from
+    from distil.training.setup import layer_pairs, load_models, make_accelerator, student_source
+
+    teacher = teacher_dir(workspace, "gpt2")
+    data = prepared_data(workspace, teacher, name="data-gpt2")
+    recipe = write_recipe(workspace / "heldout-means.yaml", teacher, data, workspace / "run-heldout-means",
+                          loss={"alpha_ce": 1.0, "alpha_clm": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0})
+    config = load_config(recipe)
+    acc = make_accelerator(config)
+    models = load_models(config, student_source(config, workspace / "run-heldout-means", True, lambda: None),
+                         acc.device)
+    pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
+    objective = Objective(term_spec_from(config, models.objective, pairs), models.teacher, models.student, None,
+                          acc.autocast)
+    heldout = TokenSequences(data, "heldout")
+    count = len(heldout)
+    results = [evaluate_heldout(acc, objective, models.student_trained, heldout, heldout_batches(heldout, size, 100),
+                                None, pad_id_of(heldout.manifest)) for size in (count, 4)]
+    assert count % 4 and results[1]["batches"] == (count + 3) // 4
+    for key in ("student_clm", "teacher_clm", "kd", "cos"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5), key

@@ -178,8 +178,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--devices", nargs="+", default=None, help="speed devices: cpu and/or cuda (default: all present)")
     p.add_argument("--seq-length", type=int, default=128, help="sequence length for speed (default 128)")
     p.add_argument("--speed-batch-size", type=int, default=32, help="batch size for throughput (default 32)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls (default 3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds; each round times every model once, interleaved; medians reported (default 10)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--task-train", default=None, help="labelled training data (.csv / .jsonl) for downstream retention")
     p.add_argument("--task-eval", default=None, help="labelled evaluation data (.csv / .jsonl)")
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> None:
         )
     elif args.command == "train":
         from distil.config import load_config
-        from distil.distiller import train
+        from distil.training.loop import train
 
         summary = train(load_config(args.recipe, args.overrides))
         print(json.dumps(summary, indent=2, default=str))

@@ -42,6 +42,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    objective: str = "auto"             # auto (from the teacher: encoder -> mlm, decoder -> clm) | mlm | clm
     temperature: float = 2.0
     alpha_ce: float = 0.5               # soft-target KL(teacher_T || student_T) * T^2
     alpha_mlm: float = 0.0              # masked-LM cross-entropy on the student
@@ -109,10 +110,6 @@ class TrainConfig:
             return self.optim.gradient_accumulation
         per_micro_step = self.data.batch_size * world_size
         return max(1, round(self.optim.effective_batch_size / per_micro_step))
-
-    @property
-    def objective(self) -> str:
-        return "clm" if self.loss.alpha_clm > 0 else "mlm"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,7 +245,17 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(
             f"loss.hidden_layers must be 'last', 'mapped' or a list of [student_layer, teacher_layer] pairs, got {loss.hidden_layers!r}."
         )
-    if loss.restrict_ce_to_mask and config.objective != "mlm":
+    if loss.objective not in ("auto", "mlm", "clm"):
+        raise DistilError(f"loss.objective must be auto, mlm or clm, got {loss.objective!r} (auto: masked-LM for encoder "
+                          "teachers such as BERT, causal-LM for decoders such as GPT-2 and Llama).")
+    # What can be checked without the teacher; `auto` is resolved and checked against it when training starts.
+    if loss.objective == "mlm" and loss.alpha_clm > 0:
+        raise DistilError("loss.objective is mlm but loss.alpha_clm is set: the causal-LM loss needs a causal objective. "
+                          "Set loss.alpha_clm to 0 (use alpha_mlm) or loss.objective=clm.")
+    if loss.objective == "clm" and loss.alpha_mlm > 0:
+        raise DistilError("loss.objective is clm but loss.alpha_mlm is set: the masked-LM loss needs a masked objective. "
+                          "Set loss.alpha_mlm to 0 (use alpha_clm) or loss.objective=mlm.")
+    if loss.restrict_ce_to_mask and (loss.objective == "clm" or loss.alpha_clm > 0):
         raise DistilError("loss.restrict_ce_to_mask applies to masked-LM runs only; unset it for causal-LM recipes.")
 
     o = config.optim

@@ -33,7 +33,7 @@ def repository_root() -> Path:
 def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: int | None = None) -> dict:
     from distil.config import load_config
     from distil.data.prepare import prepare
-    from distil.distiller import train
+    from distil.training.loop import train
     from distil.evaluate import evaluate
 
     root = repository_root()

@@ -164,6 +164,18 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
     return model, info
 
 
+def vocab_size_of(model_config) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.vocab_size)
+
+
+def hidden_size_of(model_config) -> int:
+    for key in ("hidden_size", "dim", "n_embd", "d_model"):
+        if hasattr(model_config, key):
+            return int(getattr(model_config, key))
+    raise DistilError(f"Cannot tell the hidden size of a {model_config.model_type} model.")
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0].strip()

@@ -30,15 +30,30 @@ class TokenSequences:
         # Lengths are the only per-sequence array held in RAM: 4 bytes a sequence.
         self.lengths = np.diff(self.offsets).astype(np.int32)
         self.max_length = max_length
+        # Sequences end with the tokenizer's closing tokens ([SEP], </s>, end-of-text); a cut keeps them, as
+        # prepare does for long lines, so a truncated sequence is still framed as the model was trained.
+        self.suffix = np.asarray(self.manifest["special_ids"].get("suffix", []), dtype=np.int64)
         if max_length is not None:
+            framing = len(self.manifest["special_ids"].get("prefix", [])) + len(self.suffix)
+            if max_length <= framing:
+                raise DistilError(
+                    f"A maximum length of {max_length} leaves no room for text in {self.root}: its sequences carry "
+                    f"{framing} framing tokens. Use a larger max_length (data.max_length / --max-length)."
+                )
             np.minimum(self.lengths, max_length, out=self.lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        start = int(self.offsets[index])
-        return np.asarray(self.tokens[start : start + int(self.lengths[index])], dtype=np.int64)
+        start, length = int(self.offsets[index]), int(self.lengths[index])
+        full = int(self.offsets[index + 1]) - start
+        if length == full or len(self.suffix) == 0:
+            return np.asarray(self.tokens[start : start + length], dtype=np.int64)
+        keep = len(self.suffix)
+        body = self.tokens[start : start + length - keep]
+        closing = self.tokens[start + full - keep : start + full]
+        return np.concatenate([body, closing]).astype(np.int64)
 
 
 @dataclass

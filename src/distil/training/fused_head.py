@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distil.loading import vocab_size_of
+
 CHUNK_ROWS = 128
 
 
@@ -185,6 +187,10 @@ def output_projection(model: torch.nn.Module):
         return None  # logits are transformed after the projection
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(projection, torch.nn.Linear):
+        return None
+    # Some heads report an inner hidden->hidden layer as their output embeddings (DeBERTa-v2 with legacy=False
+    # projects with the word embeddings afterwards): only a layer onto the vocabulary can stand for the head.
+    if config is None or projection.out_features != vocab_size_of(config):
         return None
     parent, _ = _parent_and_name(model, projection)
     return projection if parent is not None else None

@@ -1,4 +1,5 @@
-"""Everything `distil train` settles before the first step: models, start-up checks, layer map, optimizer.
+"""Everything `distil train` settles before the first step: accelerator, models, start-up checks, objective,
+layer map, masking, optimizer.
 
 Each check turns a known trap into a message that says what to change, before hours of compute are spent.
 """
@@ -7,15 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distil.config import TrainConfig
 from distil.data import shards
+from distil.data.masking import MLMMasker, mask_probabilities
 from distil.errors import DistilError
-from distil.loading import load_config, load_model, load_tokenizer
+from distil.loading import hidden_size_of, load_config, load_model, load_tokenizer, vocab_size_of
+from distil.training.fused_head import output_projection
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,7 @@ class Models:
     tokenizer: object
     init_record: dict | None          # distil_init.json of the student, when it was built from teacher layers
     original_dropout: dict            # config dropout values to restore when saving
+    objective: str                    # mlm | clm, resolved from loss.objective and the teacher
 
 
 def _auto_class(objective: str, base: bool = False):
@@ -43,6 +50,41 @@ def _is_bidirectional(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def _is_causal(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def resolve_objective(config: TrainConfig, teacher_config) -> str:
+    """mlm or clm: loss.objective, or (auto) the teacher's own, checked against the teacher and the loss weights."""
+    loss, name = config.loss, config.teacher.path
+    encoder = _is_bidirectional(teacher_config)
+    objective = loss.objective
+    if objective == "auto":
+        if not (encoder or _is_causal(teacher_config)):
+            raise DistilError(
+                f"Cannot tell whether the teacher {name} ({teacher_config.model_type}) is an encoder or a decoder. "
+                "Set loss.objective to mlm (masked-LM, bidirectional encoders) or clm (causal-LM, decoders)."
+            )
+        objective = "mlm" if encoder else "clm"
+    kind = f"a bidirectional {teacher_config.model_type} encoder" if encoder else f"a {teacher_config.model_type} decoder"
+    if (objective == "clm" or loss.alpha_clm > 0) and encoder:
+        raise DistilError(
+            f"The recipe is causal-LM (loss.objective=clm or loss.alpha_clm > 0) but the teacher {name} is {kind}, "
+            "which sees every position at once. Use a decoder teacher (GPT-2, Llama, ...), or a masked-LM recipe: "
+            "loss.objective=auto (or mlm) with alpha_mlm instead of alpha_clm."
+        )
+    if (objective == "mlm" or loss.alpha_mlm > 0) and not encoder:
+        raise DistilError(
+            f"The recipe is masked-LM (loss.objective=mlm or loss.alpha_mlm > 0) but the teacher {name} is {kind}, "
+            "which never saw masked tokens. Use loss.objective=auto (or clm) with alpha_clm instead of alpha_mlm."
+        )
+    if objective == "clm" and loss.restrict_ce_to_mask:
+        raise DistilError("loss.restrict_ce_to_mask applies to masked-LM runs only; unset it for causal-LM recipes.")
+    return objective
 
 
 def _head_missing(info: dict) -> bool:
@@ -80,17 +122,12 @@ def student_source(config: TrainConfig, run_dir: Path, is_main: bool, barrier) -
 
 def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> Models:
     """Load teacher and student, run the start-up checks, and place both on `device`."""
-    objective = config.objective
     loss = config.loss
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
     wants_teacher_logits = loss.alpha_ce > 0 or loss.alpha_mse > 0
 
     teacher_config = load_config(config.teacher.path)
-    if objective == "clm" and _is_bidirectional(teacher_config):
-        raise DistilError(
-            f"The recipe is causal-LM (alpha_clm > 0) but the teacher {config.teacher.path} is a bidirectional "
-            f"{teacher_config.model_type} encoder. Use a decoder teacher (GPT-2, Llama, ...) or a masked-LM recipe (alpha_mlm)."
-        )
+    objective = resolve_objective(config, teacher_config)
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.path)
     teacher_dtype = resolve_teacher_dtype(config, device)
     log.info("Loading teacher %s (%s)", config.teacher.path, teacher_dtype)
@@ -109,11 +146,8 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     original_dropout = _override_dropout(student_cfg, config.run.dropout)
     student_path = Path(student_dir)
     if config.student.config:
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-        auto = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
         torch.manual_seed(config.run.seed)
-        student = auto.from_config(student_cfg)
+        student = _auto_class(objective).from_config(student_cfg)
     else:
         student, _ = load_model(student_dir, _auto_class(objective), config=student_cfg, dtype=torch.float32)
     student.train()
@@ -132,7 +166,7 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
     student_trained = student if wants_logits else student.base_model
     return Models(teacher=teacher_called, teacher_has_head=has_head, student=student, student_trained=student_trained,
-                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout)
+                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout, objective=objective)
 
 
 def _student_config(config: TrainConfig, student_dir: str):
@@ -150,18 +184,6 @@ def _override_dropout(model_config, value: float | None) -> dict:
             original[key] = current
             setattr(model_config, key, float(value))
     return original
-
-
-def vocab_size_of(model_config) -> int:
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return int(text.vocab_size)
-
-
-def hidden_size_of(model_config) -> int:
-    for key in ("hidden_size", "dim", "n_embd", "d_model"):
-        if hasattr(model_config, key):
-            return int(getattr(model_config, key))
-    raise DistilError(f"Cannot tell the hidden size of a {model_config.model_type} model.")
 
 
 def check_vocabularies(teacher_config, student_config, tokenizer, config: TrainConfig) -> None:
@@ -269,3 +291,58 @@ def build_scheduler(optimizer, total_steps: int, warmup_fraction: float):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # accelerate keeps one process-wide state, fixed by the first Accelerator: a second train() in the same
+    # process (a notebook, a sweep) with another mixed precision would be refused. Start from a clean state;
+    # the process group of a distributed launch (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # A rank that dies must not leave the others waiting forever at a collective.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s))
+    # Without a GPU, accelerate only sets up gloo data parallelism (torchrun on CPU) when told cpu=True.
+    on_cpu = not torch.cuda.is_available()
+    try:
+        return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout], cpu=on_cpu)
+    except ValueError as exc:
+        raise DistilError(f"Mixed precision {config.run.mixed_precision!r} is not available here: {exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_masker(config: TrainConfig, data_dir: str, manifest: dict, vocab_size: int, tokenizer) -> MLMMasker:
+    if tokenizer.mask_token_id is None:
+        raise DistilError(
+            "The recipe is masked-LM but the tokenizer has no mask token. Use a causal-LM recipe (alpha_clm) "
+            "for decoder models, or a tokenizer with [MASK] / <mask>."
+        )
+    counts = shards.load_token_counts(data_dir)
+    # A model vocabulary padded beyond the tokenizer gets zero counts for the padding ids.
+    padded = np.zeros(vocab_size, dtype=np.int64)
+    padded[: min(len(counts), vocab_size)] = counts[:vocab_size]
+    specials = [i for i in manifest["special_ids"]["all"] if i < vocab_size]
+    never = specials + list(range(len(counts), vocab_size))
+    probs = mask_probabilities(padded, never, smoothing=config.loss.mlm_smoothing)
+    return MLMMasker(probs, tokenizer.mask_token_id, never, vocab_size, config.loss.mlm_probability,
+                     tuple(config.loss.mask_replace))
+
+
+def fused_projections(config: TrainConfig, models, spec) -> tuple | None:
+    """(student projection, teacher projection or None) when the fused head can replace the output layers."""
+    if not (config.run.fused_head and spec.needs_logits):
+        return None
+    s_proj = output_projection(models.student)
+    t_proj = output_projection(models.teacher) if spec.needs_teacher_logits else None
+    if s_proj is None or (spec.needs_teacher_logits and t_proj is None):
+        log.info("The output layer is not a plain linear projection; using the unfused logit losses.")
+        return None
+    return s_proj, t_proj

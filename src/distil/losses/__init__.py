@@ -1,0 +1,13 @@
+"""Distillation losses, one module per family, as small pure functions on tensors.
+
+- `logits`: soft-target KL, masked-LM and causal-LM cross-entropy, logit MSE;
+- `hidden`: hidden-state cosine and MSE;
+- `rows`: the row selection they share.
+
+Which terms a run computes, and with which weights, is decided in `distil.training.objective`.
+"""
+
+from distil.losses.hidden import hidden_cosine, hidden_mse
+from distil.losses.logits import causal_lm_loss, logit_mse, masked_lm_loss, soft_target_kl
+
+__all__ = ["soft_target_kl", "masked_lm_loss", "causal_lm_loss", "logit_mse", "hidden_cosine", "hidden_mse"]

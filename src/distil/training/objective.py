@@ -1,0 +1,294 @@
+"""What one optimizer step computes: its batches with their targets, both forwards, and the weighted loss terms.
+
+Normalisation: every term is a mean over the whole optimizer step, all micro-batches of all processes. The
+sampler hands out one *step batch* (processes x accumulation x batch sequences), its MLM targets are drawn once,
+and its counts (real tokens, MLM targets, predicted positions) are known before the first forward. Each
+micro-batch then contributes sum(its rows) / count(the whole step), so the gradients summed over micro-batches
+and processes are those of the step's mean, whatever the split. N processes x accumulation A x batch B compute
+what one process with batch N*A*B computes (tested, dropout off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distil import losses
+from distil.data.dataset import pad_batch
+from distil.data.masking import MLMMasker, causal_lm_labels
+from distil.training.fused_head import HeadTerms, fused_head_losses, projection_bypassed
+
+LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
+HIDDEN_TERMS = ("cos", "hidden_mse")
+# Attributes under which `transformers` base models keep the norm applied after their last block.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # this process's rows of one micro-batch, on the training device
+    attention_mask: torch.Tensor
+    labels: torch.Tensor             # MLM targets / causal labels (-100 elsewhere)
+    local_tokens: int                # real tokens in these rows
+    local_targets: int               # MLM targets (MLM) or predicted positions (CLM) in these rows
+    step_tokens: int                 # real tokens in the whole optimizer step (every micro-batch, every process)
+    step_targets: int                # MLM targets or predicted positions in the whole optimizer step
+
+
+def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMMasker | None,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels, target mask): MLM-corrupted ids and targets, or causal next-token labels."""
+    if objective == "mlm" and masker is not None:
+        ids, labels = masker(ids, mask, generator=generator)
+        return ids, labels, labels != -100
+    if objective == "mlm":
+        # Hidden-state losses alone: the student learns the teacher's states on clean text, as it will see it.
+        return ids, torch.full_like(ids, -100), torch.zeros_like(mask, dtype=torch.bool)
+    labels = causal_lm_labels(ids, mask)
+    target_mask = torch.zeros_like(mask, dtype=torch.bool)
+    target_mask[:, 1:] = labels[:, 1:] != -100
+    return ids, labels, target_mask
+
+
+def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker: MLMMasker | None,
+               generator: torch.Generator | None, rank: int, world_size: int, device: torch.device,
+               micro_batches: int = 1) -> list[Batch]:
+    """Split one step batch into `micro_batches` consecutive micro-batches and keep this process's rows of each.
+
+    Targets are drawn over the whole step batch (identically on every process), so how the step is split
+    between processes and accumulation steps changes nothing that is computed. A process may get no rows of a
+    small final held-out batch: its Batch then has zero rows.
+    """
+    if len(sequences) % micro_batches:
+        raise ValueError(f"{len(sequences)} sequences do not split into {micro_batches} equal micro-batches")
+    ids, mask = pad_batch(sequences, pad_id)
+    ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    ids, labels, target_mask = _targets(ids, mask, objective, masker, generator)
+    per_micro = len(sequences) // micro_batches
+    rows = [torch.arange(m * per_micro + rank, (m + 1) * per_micro, world_size, device=device)
+            for m in range(micro_batches)]
+    tokens, targets = mask.sum(dim=1), target_mask.sum(dim=1)
+    # One host transfer for every count of the step.
+    counts = torch.stack([tokens.sum(), targets.sum()]
+                         + [t for r in rows for t in (tokens[r].sum(), targets[r].sum(),
+                                                      tokens[r].max() if len(r) else tokens.new_zeros(()))]).tolist()
+    step_tokens, step_targets = int(counts[0]), int(counts[1])
+    batches = []
+    for m, r in enumerate(rows):
+        local_tokens, local_targets, width = (int(c) for c in counts[2 + 3 * m: 5 + 3 * m])
+        # Trim columns that are padding in every local row.
+        batches.append(Batch(input_ids=ids[r, :width], attention_mask=mask[r, :width], labels=labels[r, :width],
+                             local_tokens=local_tokens, local_targets=local_targets,
+                             step_tokens=step_tokens, step_targets=step_targets))
+    return batches
+
+
+@dataclass
+class TermSpec:
+    weights: dict[str, float]        # term name -> alpha (only non-zero ones)
+    temperature: float
+    objective: str                   # mlm | clm
+    restrict_ce_to_mask: bool
+    layer_pairs: list[tuple[int, int]]
+
+    @property
+    def needs_logits(self) -> bool:
+        return any(t in self.weights for t in LOGIT_TERMS)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return any(t in self.weights for t in ("ce", "mse"))
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(t in self.weights for t in HIDDEN_TERMS)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.needs_teacher_logits or self.needs_hidden
+
+    @property
+    def needs_masking(self) -> bool:
+        """MLM corruption only matters to losses on logits; hidden-state matching uses clean text."""
+        return self.objective == "mlm" and self.needs_logits
+
+
+def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]]) -> TermSpec:
+    loss = config.loss
+    alphas = {"ce": loss.alpha_ce, "mlm": loss.alpha_mlm, "clm": loss.alpha_clm, "mse": loss.alpha_mse,
+              "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse}
+    return TermSpec(weights={k: float(v) for k, v in alphas.items() if v > 0}, temperature=float(loss.temperature),
+                    objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
+                    layer_pairs=list(layer_pairs))
+
+
+@dataclass
+class HiddenStates:
+    """A model's hidden states, like with like: `blocks[i]` is the output of block i (0: the embeddings), before
+    any final norm; `final` is what the output layer sees (the last block's output after the final norm of
+    pre-norm decoders such as GPT-2 and Llama; the same tensor as blocks[-1] for BERT-style encoders)."""
+
+    blocks: tuple[torch.Tensor, ...]
+    final: torch.Tensor
+
+    def pair_with(self, other: "HiddenStates", index: int, other_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two states a hidden loss compares: last against last is final against final (the seed's
+        DistilGPT2 term); any other pair compares block outputs, so a normed state never meets a raw one."""
+        if index == len(self.blocks) - 1 and other_index == len(other.blocks) - 1:
+            return self.final, other.final
+        return self.blocks[index], other.blocks[other_index]
+
+
+def final_norm_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm a pre-norm decoder applies after its last block, or None (post-norm encoders have none)."""
+    base = getattr(model, "base_model", model)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def _input_of(module: torch.nn.Module | None):
+    """Record what `module` is called with (the last block's output, for a final norm)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0])) if module is not None else None
+    try:
+        yield seen
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def forward(model, batch: Batch, want_hidden: bool, final_norm: torch.nn.Module | None = None):
+    """Run a model (full LM or its base) and return (logits or None, HiddenStates or None)."""
+    with _input_of(final_norm if want_hidden else None) as before_norm:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    output_hidden_states=want_hidden, return_dict=True)
+    logits = getattr(out, "logits", None)
+    if not want_hidden:
+        return logits, None
+    states = tuple(out.hidden_states)
+    blocks = states[:-1] + (before_norm[-1],) if before_norm else states
+    return logits, HiddenStates(blocks=blocks, final=states[-1])
+
+
+def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates | None, t_logits,
+                  t_hidden: HiddenStates | None, only: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Each term as (local mean, local count, step count): the mean over this process's rows and the counts
+    that turn it into this micro-batch's share of the step's mean. `only` limits the terms computed."""
+    real = batch.attention_mask.bool()
+    if spec.objective == "clm":
+        predicted = torch.zeros_like(real)
+        predicted[:, 1:] = batch.labels[:, 1:] != -100
+    else:
+        predicted = batch.labels != -100
+    kd_rows = predicted if spec.restrict_ce_to_mask else real
+    kd_local = batch.local_targets if spec.restrict_ce_to_mask else batch.local_tokens
+    kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
+
+    terms: dict[str, tuple] = {}
+    w = {k: v for k, v in spec.weights.items() if only is None or k in only}
+    if "ce" in w:
+        terms["ce"] = (losses.soft_target_kl(s_logits, t_logits, spec.temperature, kd_rows), kd_local, kd_step)
+    if "mse" in w:
+        terms["mse"] = (losses.logit_mse(s_logits, t_logits, kd_rows), kd_local, kd_step)
+    if "mlm" in w:
+        terms["mlm"] = (losses.masked_lm_loss(s_logits, batch.labels), batch.local_targets, batch.step_targets)
+    if "clm" in w:
+        terms["clm"] = (losses.causal_lm_loss(s_logits, batch.labels), batch.local_targets, batch.step_targets)
+    for name, fn in (("cos", losses.hidden_cosine), ("hidden_mse", losses.hidden_mse)):
+        if name in w:
+            per_pair = [fn(*s_hidden.pair_with(t_hidden, s, t), real) for s, t in spec.layer_pairs]
+            terms[name] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
+    return terms
+
+
+def row_targets(spec: TermSpec, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the fused head: (indices of real positions, kd mask over them, target id of each, -100 if none)."""
+    real = batch.attention_mask.bool()
+    if spec.objective == "clm":
+        labels = torch.full_like(batch.labels, -100)
+        labels[:, :-1] = batch.labels[:, 1:]  # position i predicts token i + 1
+    else:
+        labels = batch.labels
+    flat_real = real.reshape(-1).nonzero().squeeze(1)
+    row_labels = labels.reshape(-1)[flat_real]
+    kd_rows = (row_labels != -100) if spec.restrict_ce_to_mask else torch.ones_like(row_labels, dtype=torch.bool)
+    return flat_real, kd_rows, row_labels
+
+
+def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projection, t_projection):
+    """Logit terms through the fused head: (differentiable weighted total, {term: detached step share})."""
+    flat_real, kd_rows, row_labels = row_targets(spec, batch)
+    kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
+    w = spec.weights
+    lm_name = "clm" if spec.objective == "clm" else "mlm"
+    terms = HeadTerms(temperature=spec.temperature, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
+                      coef_mse=w.get("mse", 0.0) / max(kd_step, 1),
+                      coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
+    hidden = s_states.reshape(-1, s_states.shape[-1])[flat_real]
+    teacher = t_states.reshape(-1, t_states.shape[-1])[flat_real] if t_states is not None else None
+    total, sums = fused_head_losses(hidden, s_projection, teacher, t_projection, kd_rows, row_labels, terms)
+    shares = {}
+    for index, name, denominator in ((0, "ce", kd_step), (1, "mse", kd_step), (2, lm_name, batch.step_targets)):
+        if name in w:
+            shares[name] = sums[index] / max(denominator, 1)
+    return total, shares
+
+
+def step_share(terms: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """This micro-batch's contribution to each step mean: summed over micro-batches and processes it gives the
+    step's value."""
+    return {name: mean * (local / max(step, 1)) for name, (mean, local, step) in terms.items()}
+
+
+def weighted_total(shares: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    return sum(weights[name] * value for name, value in shares.items())
+
+
+class Objective:
+    """The weighted loss of one micro-batch, as its share of the optimizer step's mean.
+
+    Runs the frozen teacher without gradients and the student with them, through the fused output layer
+    (`fused` = (student projection, teacher projection or None)) when there is one.
+    """
+
+    def __init__(self, spec: TermSpec, teacher: torch.nn.Module, student: torch.nn.Module, fused: tuple | None,
+                 autocast):
+        self.spec = spec
+        self.teacher = teacher
+        self.student = student
+        self.fused = fused
+        self.autocast = autocast
+        self.teacher_norm = final_norm_of(teacher)
+        self.student_norm = final_norm_of(student)
+
+    def __call__(self, student_module: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """(differentiable weighted share of the step loss, {term: detached share})."""
+        spec = self.spec
+        s_proj, t_proj = self.fused if self.fused is not None else (None, None)
+        t_logits = t_hidden = None
+        # no_grad rather than inference_mode: teacher outputs feed the loss, whose backward saves them.
+        with torch.no_grad(), self.autocast():
+            bypass = projection_bypassed(self.teacher, t_proj) if t_proj is not None else contextlib.nullcontext()
+            if spec.needs_teacher:  # a student-only baseline (alpha_mlm alone) skips the teacher
+                with bypass:
+                    t_logits, t_hidden = forward(self.teacher, batch, spec.needs_hidden, self.teacher_norm)
+        bypass = projection_bypassed(self.student, s_proj) if s_proj is not None else contextlib.nullcontext()
+        with bypass:
+            s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
+        if self.fused is None:
+            shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+            return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
+        total, shares = fused_logit_terms(spec, batch, s_logits, t_logits if t_proj is not None else None,
+                                          s_proj, t_proj)
+        if spec.needs_hidden:
+            hidden = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=HIDDEN_TERMS))
+            total = total + weighted_total(hidden, spec.weights)
+            shares.update({k: v.detach() for k, v in hidden.items()})
+        return total, shares

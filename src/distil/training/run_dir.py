@@ -1,0 +1,88 @@
+"""A run directory: whether a start is fresh or a resume, and the final student with its model card.
+
+Layout of run.output_dir: recipe.yaml (resolved), metrics.jsonl, tensorboard/, checkpoints/, student-init/ (when
+the student is built from teacher layers at start), and student/ once the run has finished.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from distil.config import TrainConfig
+from distil.errors import DistilError
+from distil.outputs import atomic_output_dir, write_json_atomic
+from distil.training import checkpoint as ckpt
+
+FINAL_STUDENT = "student"
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig, is_main: bool) -> Path | None:
+    """Decide between a fresh start and a resume; returns the checkpoint to resume from, if any."""
+    finished = (run_dir / FINAL_STUDENT / "config.json").exists()
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+    if config.run.overwrite:
+        if is_main and run_dir.exists():
+            shutil.rmtree(run_dir)
+        return None
+    if config.run.resume not in ("auto", "never"):
+        return Path(config.run.resume)
+    if finished:
+        raise DistilError(
+            f"{run_dir} already holds a finished run (its student is in {run_dir / FINAL_STUDENT}). Nothing was changed. "
+            "Pass run.overwrite=true to start over there, or choose another run.output_dir."
+        )
+    if has_checkpoints:
+        if config.run.resume == "never":
+            raise DistilError(
+                f"{run_dir} holds checkpoints of an unfinished run and run.resume=never. Use run.resume=auto to continue "
+                "it, or run.overwrite=true to start over."
+            )
+        found = ckpt.find_resumable(run_dir)
+        if found is None:
+            raise DistilError(f"{run_dir} holds checkpoints but none is complete. Start over with run.overwrite=true.")
+        return found
+    if run_dir.exists() and any(p.name not in ("student-init", "tensorboard", "metrics.jsonl", "recipe.yaml")
+                                for p in run_dir.iterdir()):
+        raise DistilError(
+            f"{run_dir} exists and holds files that are not a distil run. Choose another run.output_dir "
+            "or pass run.overwrite=true."
+        )
+    return None
+
+
+def save_student(run_dir: Path, config: TrainConfig, models, summary: dict, final_eval: dict) -> None:
+    student = models.student
+    for key, value in models.original_dropout.items():
+        setattr(student.config, key, value)
+    with atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True) as tmp:
+        student.save_pretrained(tmp)
+        models.tokenizer.save_pretrained(tmp)
+        record = dict(models.init_record or {})
+        record.update({"distilled_from": config.teacher.path, "recipe": config.name or None,
+                       "steps": summary["steps"], "tokens_seen": summary["tokens_seen"], "heldout": final_eval})
+        write_json_atomic(tmp / "distil_init.json", record)
+        (tmp / "README.md").write_text(_model_card(config, models, summary, final_eval), encoding="utf-8")
+
+
+def _model_card(config, models, summary, final_eval) -> str:
+    n_student = sum(p.numel() for p in models.student.parameters())
+    lines = [
+        f"# Student distilled from {config.teacher.path}", "",
+        f"Made with `distil train` ({config.name or 'custom recipe'}): {summary['steps']} optimizer steps, "
+        f"{summary['tokens_seen']:,} tokens, {n_student / 1e6:.1f}M parameters.", "",
+        "Load it with plain transformers:", "", "```python",
+        "from transformers import AutoModel, AutoTokenizer",
+        "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+        "Losses: " + ", ".join(f"{k}={v}" for k, v in _weights(config).items())
+        + f", temperature {config.loss.temperature}.", "",
+    ]
+    if final_eval:
+        lines += ["Held-out evaluation at the end of training:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final_eval.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _weights(config: TrainConfig) -> dict[str, float]:
+    names = ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse")
+    return {name.removeprefix("alpha_"): getattr(config.loss, name) for name in names if getattr(config.loss, name) > 0}
