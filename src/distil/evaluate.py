@@ -4,7 +4,8 @@ For every model, in the order given (the first is the one the others are measure
 teacher): held-out LM quality on fixed targets, hidden-state fidelity to a reference model, parameters and
 weights on disk, CPU (and GPU) latency and throughput, and, with a labelled task, accuracy and macro-F1
 after identical fine-tuning. Every number also appears as a ratio to the first model's. The pieces live in
-distil.evaluation; this module runs them one model at a time (one model in memory at a time).
+distil.evaluation; this module runs them one model at a time, except speed: the base models are kept (on CPU)
+and timed together in interleaved rounds, so that load on the machine hits every model alike.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def evaluate(
     """Evaluate `models` (paths, hub ids or NAME=PATH); print a Markdown table and return the results.
 
     data: one prepared directory (its `split` is read) or text files. The result (also written as JSON to
-    `output`) holds per model "lm", "fidelity", "size", "speed", "downstream", "notes", then "ratios" to
-    the first model and "markdown".
+    `output`) holds per model "lm", "fidelity", "size", "architecture", "speed", "downstream", "notes", then
+    "speed_check" (do identical architectures time alike?), "ratios" to the first model and "markdown".
     """
     named = parse_model_specs(models)
     _check_output(output, overwrite)
@@ -146,6 +147,7 @@ def evaluate(
             gc.collect()
 
         results = []
+        speed_bases: list[torch.nn.Module] = []  # timed together after the loop
         for name, path in named:
             log.info("evaluating %s (%s)", name, path)
             model = lm_quality.load_eval_model(name, path, lm_device)
@@ -168,11 +170,22 @@ def evaluate(
             entry["size"] = {"params": speed.count_parameters(model.base), "disk_bytes": speed.weights_on_disk(path)}
             if entry["size"]["disk_bytes"] is None:
                 model.notes.append("size on disk unknown (not a local directory or file)")
-            entry["speed"] = {device: speed.measure_speed(model.base, device, seq_length, speed_batch_size, warmup, repeats)
-                              for device in speed_devices}
+            entry["architecture"] = speed.architecture_fingerprint(model.base)
+            entry["speed"] = {}
+            if speed_devices:
+                speed.check_speed_settings([model.base], seq_length, speed_batch_size, warmup, repeats)
+                speed_bases.append(model.base.to("cpu"))  # off the GPU until every model is timed
             entry["notes"] = model.notes
             results.append(entry)
             del model
+            gc.collect()
+        speed_check = None
+        if speed_devices:
+            timings, speed_check = speed.compare_speeds([e["name"] for e in results], speed_bases, speed_devices,
+                                                        seq_length, speed_batch_size, warmup, repeats)
+            for entry, timing in zip(results, timings):
+                entry["speed"] = timing
+            del speed_bases
             gc.collect()
 
         task_settings = None
@@ -194,10 +207,12 @@ def evaluate(
                 "mask_seed": mask_seed, "mlm_probability": mlm_probability, "mask_replace": list(lm_quality.EVAL_MASK_REPLACE),
                 "reference": reference,
                 "speed": {"seq_length": seq_length, "batch_size": speed_batch_size, "warmup": warmup, "repeats": repeats,
-                          "devices": speed_devices, "cpu_threads": torch.get_num_threads()} if speed_devices else None,
+                          "devices": speed_devices, "cpu_threads": torch.get_num_threads(),
+                          "method": "interleaved rounds"} if speed_devices else None,
                 "task": task_settings,
             },
             "models": results,
+            "speed_check": speed_check,
         }
         flats = [table.flat_metrics(m) for m in results]
         summary["ratios"] = [{"name": m["name"], **r} for m, r in zip(results, table.ratios_to_first(flats))]

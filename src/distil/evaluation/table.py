@@ -2,7 +2,9 @@
 
 Ratios are "this model / first model" for every metric, except latency, where the ratio is the speed-up
 "first model's latency / this model's latency" (above 1 = faster). The first model is normally the teacher,
-so a quality ratio reads as retention and a parameter ratio as relative size.
+so a quality ratio reads as retention and a parameter ratio as relative size. Speed values are medians over
+interleaved rounds, shown with their spread (interquartile range / median); speed ratios of a device whose
+timings failed the same-architecture check carry a ⚠ and a note under the table.
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ METRICS: list[tuple[str, str, str, str | None]] = [
     ("latency_ms_cpu", "CPU latency, batch 1 (ms; ratio = speed-up)", "2", "speedup"),
     ("sequences_per_s_cpu", "CPU throughput (sequences/s)", "1", "ratio"),
     ("tokens_per_s_cpu", "CPU throughput (tokens/s)", "0", "ratio"),
+    ("latency_spread_cpu", "CPU latency spread (IQR / median)", "percent", None),
+    ("batch_spread_cpu", "CPU throughput-batch time spread (IQR / median)", "percent", None),
     ("latency_ms_cuda", "GPU latency, batch 1 (ms; ratio = speed-up)", "2", "speedup"),
     ("sequences_per_s_cuda", "GPU throughput (sequences/s)", "1", "ratio"),
     ("tokens_per_s_cuda", "GPU throughput (tokens/s)", "0", "ratio"),
+    ("latency_spread_cuda", "GPU latency spread (IQR / median)", "percent", None),
+    ("batch_spread_cuda", "GPU throughput-batch time spread (IQR / median)", "percent", None),
     ("task_accuracy", "task accuracy (mean over seeds)", "percent", "ratio"),
     ("task_accuracy_std", "task accuracy, std over seeds (points)", "points", None),
     ("task_macro_f1", "task macro-F1 (mean over seeds)", "percent", "ratio"),
     ("task_macro_f1_std", "task macro-F1, std over seeds (points)", "points", None),
 ]
 LABELS = {key: label for key, label, _, _ in METRICS}
+DOUBTFUL = "⚠"
 
 
 def flat_metrics(model: dict) -> dict[str, float]:
@@ -50,6 +57,9 @@ def flat_metrics(model: dict) -> dict[str, float]:
     for device, timing in (model.get("speed") or {}).items():
         for key in ("latency_ms", "sequences_per_s", "tokens_per_s"):
             flat[f"{key}_{device}"] = timing[key]
+        for key in ("latency", "batch"):  # results written before interleaved timing have no spread
+            if "iqr_relative" in (timing.get(f"{key}_stats") or {}):
+                flat[f"{key}_spread_{device}"] = timing[f"{key}_stats"]["iqr_relative"]
     downstream = model.get("downstream") or {}
     for score in ("accuracy", "macro_f1"):
         if score in downstream:
@@ -89,8 +99,10 @@ def format_value(value: float, style: str) -> str:
     return f"{value:,.{int(style)}f}"
 
 
-def markdown_table(names: list[str], flats: list[dict[str, float]], ratios: list[dict[str, float]]) -> str:
-    """Rows = metrics, columns = models; every model after the first shows its ratio to the first."""
+def markdown_table(names: list[str], flats: list[dict[str, float]], ratios: list[dict[str, float]],
+                   doubtful: frozenset[str] | set[str] = frozenset()) -> str:
+    """Rows = metrics, columns = models; every model after the first shows its ratio to the first, with a ⚠
+    for the metrics in `doubtful` (speed ratios from a machine too busy to time reliably)."""
     header = "| metric | " + " | ".join(f"{name}{' (ratio to first)' if i else ''}" for i, name in enumerate(names)) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for key, label, style, kind in METRICS:
@@ -103,7 +115,7 @@ def markdown_table(names: list[str], flats: list[dict[str, float]], ratios: list
                 continue
             text = format_value(flat[key], style)
             if i and key in ratio:
-                text += f" ({ratio[key]:.3f}×)"
+                text += f" ({ratio[key]:.3f}× {DOUBTFUL})" if key in doubtful else f" ({ratio[key]:.3f}×)"
             cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -114,7 +126,9 @@ def results_markdown(results: dict) -> str:
     models = results["models"]
     names = [m["name"] for m in models]
     flats = [flat_metrics(m) for m in models]
-    lines = [markdown_table(names, flats, ratios_to_first(flats)), ""]
+    speed_check = results.get("speed_check") or {}
+    doubtful = set(speed_check.get("untrustworthy_ratios") or [])
+    lines = [markdown_table(names, flats, ratios_to_first(flats), doubtful), ""]
     settings = results.get("settings") or {}
     described = []
     if settings.get("data"):
@@ -123,16 +137,28 @@ def results_markdown(results: dict) -> str:
         described.append(f"reference for hidden-state cosine: {settings['reference']}")
     if settings.get("speed"):
         s = settings["speed"]
+        runs = "interleaved rounds (every model once per round)" if s.get("method") == "interleaved rounds" else "runs"
         described.append(f"speed: sequence length {s['seq_length']}, throughput batch {s['batch_size']}, "
-                         f"median of {s['repeats']} runs after {s['warmup']} warm-up, {s.get('cpu_threads')} CPU threads")
+                         f"median of {s['repeats']} {runs} after {s['warmup']} warm-up, {s.get('cpu_threads')} CPU threads")
     if settings.get("task"):
         t = settings["task"]
         described.append(f"task: {t['train_file']} -> {t['eval_file']}, seeds {t['seeds']}, epochs {t['epochs']}, "
                          f"lr {t['lr']}, batch {t['batch_size']}, max length {t['max_length']}")
     lines += [f"- {d}" for d in described]
+    lines += _speed_check_lines(speed_check)
     for model in models:
         for note in model.get("notes") or []:
             lines.append(f"- {model['name']}: {note}")
     for i, model in enumerate(models):
         lines.append(f"- model {i + 1} `{model['name']}` = {model['path']}")
     return "\n".join(lines) + "\n"
+
+
+def _speed_check_lines(check: dict) -> list[str]:
+    """What the same-architecture speed check found: a ⚠ line per disagreement, else which models agreed."""
+    lines = [f"- {DOUBTFUL} {d['message']}" for d in check.get("disagreements") or []]
+    if not lines and check.get("same_architecture"):
+        groups = "; ".join(", ".join(group) for group in check["same_architecture"])
+        lines.append(f"- speed check: identical architectures ({groups}) timed within "
+                     f"{100 * check['tolerance']:.0f}% of each other")
+    return lines
