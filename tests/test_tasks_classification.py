@@ -46,8 +46,9 @@ def test_read_jsonl_pairs_found_by_column_name_and_integer_labels_sorted_as_numb
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     data = read_classification(path)
     assert data.text_pairs == ["h", "i"] and data.labels == ["10", "2"]
-    assert sorted_labels(data.labels) == ["2", "10"]
+    assert sorted_labels(data.labels) == ["2", "10"] and data.id_order is None
     assert sorted_labels(["pos", "neg", "neutral", "neg"]) == ["neg", "neutral", "pos"]
+    assert sorted_labels(["1", "01"]) == ["01", "1"]  # "01" is no plain integer, so neither is read as a number
 
 
 def test_rows_without_label_are_refused(tmp_path):
@@ -86,7 +87,7 @@ def test_datasets_missing_gives_a_clear_error(monkeypatch):
 
 
 def test_datasets_directory_with_class_label_names(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dev dependency: a missing package should fail here, not skip
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"])})
     dataset = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
@@ -94,3 +95,4 @@ def test_datasets_directory_with_class_label_names(tmp_path):
     dataset.save_to_disk(str(tmp_path / "sst"))
     data = load_classification_dataset(str(tmp_path / "sst"), "train")
     assert (data.texts, data.labels) == (["good", "bad"], ["positive", "negative"])
+    assert data.id_order == ["negative", "positive"]  # the ClassLabel's ids, kept for the label order

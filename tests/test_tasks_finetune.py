@@ -14,12 +14,15 @@ import pytest
 import torch
 from transformers import (
     AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig,
-    BertForMaskedLM, BertTokenizer, DistilBertConfig, DistilBertForMaskedLM,
+    BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification,
+    BertTokenizer, DistilBertConfig, DistilBertForMaskedLM,
 )
 
 from distil.errors import DistilError
-from distil.tasks.finetune import check_same_tokenizer, run_task
-from distil.tasks.task_data import TeacherLabels, resolve_label_order
+from distil.tasks.finetune import _logits, _model_inputs, check_same_tokenizer, collate, load_student, run_task
+from distil.tasks.task_data import (
+    TeacherLabels, prepare_classification, prepare_ner, prepare_qa, resolve_label_order,
+)
 
 VOCAB = Path(__file__).parent / "data" / "tasks" / "vocab.txt"
 NAMES = ["john", "mary", "peter", "anna", "paul", "lisa", "tom", "emma"]
@@ -88,14 +91,19 @@ def finetune_then_distil(task, bases, tmp_path, auto_class, train, evaluation, *
     return teacher_metrics, student_metrics, teacher_dir, student_dir
 
 
-def test_classification_finetune_and_distil(bases, tmp_path):
-    rng = random.Random(0)
+def sentiment_rows() -> list[dict]:
+    """64 short reviews labelled pos / neg, in a fixed shuffled order."""
     subjects = ["movie", "film", "plot", "acting", "story", "music", "ending", "show"]
     rows = [{"text": f"the {s} was {a}", "label": label}
             for s in subjects for label, adjectives in (("pos", ["good", "great", "fun", "superb"]),
                                                         ("neg", ["bad", "awful", "boring", "dull"]))
             for a in adjectives]
-    rng.shuffle(rows)
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def test_classification_finetune_and_distil(bases, tmp_path):
+    rows = sentiment_rows()
     train, evaluation = tmp_path / "train.csv", tmp_path / "dev.jsonl"
     train.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows[:48]))
     evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
@@ -113,12 +121,18 @@ def conll(sentences) -> str:
     return "-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n"
 
 
-def test_ner_finetune_and_distil(bases, tmp_path):
+def ner_sentences() -> list[list[tuple[str, str]]]:
+    """224 "NAME works at COMPANY in CITY" sentences as (word, tag) pairs, in a fixed shuffled order."""
     sentences = []
     for name, city, company in itertools.product(NAMES, CITIES, COMPANIES):
         words = [name.title(), "works", "at", company.title(), "in", city.title()]
         sentences.append(list(zip(words, ["B-PER", "O", "O", "B-ORG", "O", "B-LOC"])))
     random.Random(1).shuffle(sentences)
+    return sentences
+
+
+def test_ner_finetune_and_distil(bases, tmp_path):
+    sentences = ner_sentences()
     train, evaluation = tmp_path / "train.txt", tmp_path / "dev.txt"
     train.write_text(conll(sentences[:48]))
     evaluation.write_text(conll(sentences[48:64]))
@@ -207,21 +221,234 @@ def test_tokenizers_must_match():
         check_same_tokenizer(make_tokenizer(), cased, "s", "t")
 
 
-def test_label_order_follows_a_teacher_that_names_its_labels():
-    assert resolve_label_order(["pos", "neg"], None, sorted) == ["neg", "pos"]
-    assert resolve_label_order(["pos", "neg"], TeacherLabels(2, ["pos", "neg"]), sorted) == ["pos", "neg"]
-    assert resolve_label_order(["neg"], TeacherLabels(3, ["pos", "neg", "neutral"]), sorted) == ["pos", "neg", "neutral"]
-    assert resolve_label_order(["b", "a"], TeacherLabels(2, None), sorted) == ["a", "b"]
-    with pytest.raises(DistilError, match="does not predict"):
-        resolve_label_order(["pos", "other"], TeacherLabels(2, ["pos", "neg"]), sorted)
-    with pytest.raises(DistilError, match="3 labels"):
-        resolve_label_order(["a", "b", "c"], TeacherLabels(2, None), sorted)
+MNLI_NAMES = ["entailment", "neutral", "contradiction"]  # MNLI's ClassLabel: ids 0, 1, 2
+MNLI_ROWS = [("john works in paris", "john works", 0), ("mary lives in rome", "mary works in rome", 1),
+             ("tom lives in oslo", "tom lives in madrid", 2), ("anna works at acme", "anna works", 0),
+             ("paul lives in vienna", "paul lives in london", 2), ("lisa works in rome", "lisa lives in rome", 1)]
+TEACHER_HEADS = {"classification": (BertForSequenceClassification, "classifier"),
+                 "ner": (BertForTokenClassification, "classifier"), "qa": (BertForQuestionAnswering, "qa_outputs")}
+
+
+def random_teacher(bases, path: Path, task: str, labels: int | list[str] = 2, spread: float = 8.0) -> str:
+    """Save a tiny BERT teacher with a random, saved (hence accepted) task head; `labels` is a class count
+    (unnamed: LABEL_0...) or names in id order. Weights drawn wider than usual and a head scaled by `spread`
+    make its output distributions differ clearly from input to input, so matching them takes more than a bias."""
+    names = {} if isinstance(labels, int) else {"id2label": dict(enumerate(labels)),
+                                                "label2id": {name: i for i, name in enumerate(labels)}}
+    count = {"num_labels": labels} if isinstance(labels, int) else {}
+    config = BertConfig.from_pretrained(bases["teacher_base"], initializer_range=0.2, **count, **names)
+    model_class, head_name = TEACHER_HEADS[task]
+    torch.manual_seed(0)
+    model = model_class(config)
+    head = getattr(model, head_name)
+    with torch.no_grad():
+        head.weight.mul_(spread)
+        head.bias.zero_()
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def mnli_dataset(path: Path) -> str:
+    """An MNLI-shaped `datasets` directory (premise, hypothesis, ClassLabel entailment/neutral/contradiction)."""
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=MNLI_NAMES)})
+    split = datasets.Dataset.from_dict({"premise": [r[0] for r in MNLI_ROWS], "hypothesis": [r[1] for r in MNLI_ROWS],
+                                        "label": [r[2] for r in MNLI_ROWS]}, features=features)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(path))
+    return str(path)
+
+
+def saved_labels(output_dir: Path) -> tuple[dict, dict]:
+    config = AutoModelForSequenceClassification.from_pretrained(output_dir).config
+    return config.id2label, config.label2id
+
+
+ONE_STEP = dict(FAST, epochs=1, max_steps=1)
+
+
+def test_label_order_of_a_class_label_dataset_is_kept_with_an_unnamed_teacher(bases, tmp_path):
+    data_dir = mnli_dataset(tmp_path / "mnli")
+    # The data's own ids, not the sorted names (contradiction, entailment, neutral), which would swap the
+    # teacher's classes: LABEL_0 is entailment because the ClassLabel says entailment is 0.
+    data = prepare_classification(make_tokenizer(), None, None, 48, TeacherLabels(3, None), dataset=data_dir)
+    assert data.label_names == MNLI_NAMES
+    assert data.train["labels"] == [r[2] for r in MNLI_ROWS] and data.eval["labels"] == [r[2] for r in MNLI_ROWS]
+    teacher = random_teacher(bases, tmp_path / "teacher", "classification", 3)
+    run_task("classification", bases["student_base"], None, None, tmp_path / "out", teacher=teacher, dataset=data_dir,
+             **ONE_STEP)
+    assert saved_labels(tmp_path / "out") == ({0: "entailment", 1: "neutral", 2: "contradiction"},
+                                              {"entailment": 0, "neutral": 1, "contradiction": 2})
+    # Without a teacher the dataset's order is kept as well.
+    assert prepare_classification(make_tokenizer(), None, None, 48, dataset=data_dir).label_names == MNLI_NAMES
+
+
+def test_label_order_maps_the_data_to_a_named_teacher_by_name(bases, tmp_path):
+    data_dir = mnli_dataset(tmp_path / "mnli")
+    teacher_order = ["neutral", "contradiction", "entailment"]  # differs from the data's ids
+    data = prepare_classification(make_tokenizer(), None, None, 48, TeacherLabels(3, teacher_order), dataset=data_dir)
+    to_teacher = {0: 2, 1: 0, 2: 1}  # entailment -> 2, neutral -> 0, contradiction -> 1
+    assert data.label_names == teacher_order
+    assert data.train["labels"] == [to_teacher[r[2]] for r in MNLI_ROWS]
+    teacher = random_teacher(bases, tmp_path / "teacher", "classification", teacher_order)
+    run_task("classification", bases["student_base"], None, None, tmp_path / "out", teacher=teacher, dataset=data_dir,
+             **ONE_STEP)
+    assert saved_labels(tmp_path / "out") == ({0: "neutral", 1: "contradiction", 2: "entailment"},
+                                              {"neutral": 0, "contradiction": 1, "entailment": 2})
+
+
+def test_label_order_is_required_for_string_labels_with_an_unnamed_teacher(bases, tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("premise,hypothesis,label\n" + "".join(f"{p},{h},{MNLI_NAMES[y]}\n" for p, h, y in MNLI_ROWS))
+    teacher = random_teacher(bases, tmp_path / "teacher", "classification", 3)
+    with pytest.raises(DistilError) as refused:
+        run_task("classification", bases["student_base"], train, train, tmp_path / "out", teacher=teacher, **ONE_STEP)
+    message = str(refused.value)
+    assert "[LABEL_0, LABEL_1, LABEL_2] vs data labels [contradiction, entailment, neutral]" in message
+    assert "--label-order" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    run_task("classification", bases["student_base"], train, train, tmp_path / "out", teacher=teacher,
+             label_order="entailment,neutral,contradiction", **ONE_STEP)
+    assert saved_labels(tmp_path / "out")[0] == {0: "entailment", 1: "neutral", 2: "contradiction"}
+    settings = json.loads((tmp_path / "out" / "task_config.json").read_text())
+    assert settings["label_names"] == settings["label_order"] == MNLI_NAMES
+    data = prepare_classification(make_tokenizer(), train, train, 48, TeacherLabels(3, None),
+                                  label_order=["neutral", "contradiction", "entailment"])
+    assert data.train["labels"] == [{0: 2, 1: 0, 2: 1}[r[2]] for r in MNLI_ROWS]
+
+
+def test_label_order_integer_labels_are_the_class_ids_of_an_unnamed_teacher(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngood movie,2\nbad film,0\nfun plot,2\n")
+    data = prepare_classification(make_tokenizer(), train, train, 48, TeacherLabels(3, None))
+    assert data.label_names == ["0", "1", "2"] and data.train["labels"] == [2, 0, 2]  # class 1 is unused, not dropped
+    with pytest.raises(DistilError, match=r"\['2'\] are not among the teacher's 2 classes"):
+        prepare_classification(make_tokenizer(), train, train, 48, TeacherLabels(2, None))
+
+
+def test_label_order_resolution_rules():
+    from distil.tasks.task_data import DataLabels
+
+    nli = ["contradiction", "entailment", "neutral"]
+    # No teacher: the data's own order when it has one, else sorted (numbers as numbers).
+    assert resolve_label_order(DataLabels(["pos", "neg"]), None) == ["neg", "pos"]
+    assert resolve_label_order(DataLabels(["10", "2"]), None) == ["2", "10"]
+    assert resolve_label_order(DataLabels(["neutral"], MNLI_NAMES), None) == MNLI_NAMES
+    # A named teacher: its names, whatever the data's order; a label it lacks is refused.
+    assert resolve_label_order(DataLabels(nli, MNLI_NAMES), TeacherLabels(3, nli)) == nli
+    assert resolve_label_order(DataLabels(["neg"]), TeacherLabels(3, ["pos", "neg", "x"])) == ["pos", "neg", "x"]
+    with pytest.raises(DistilError, match=r"labels \['other'\] that the teacher does not predict"):
+        resolve_label_order(DataLabels(["pos", "other"]), TeacherLabels(2, ["pos", "neg"]))
+    # An unnamed teacher: the data's order, integer ids, or an explicit order; never a guess.
+    assert resolve_label_order(DataLabels(nli, MNLI_NAMES), TeacherLabels(3, None)) == MNLI_NAMES
+    with pytest.raises(DistilError, match="3 output classes but the training data names 2"):
+        resolve_label_order(DataLabels(["a"], ["a", "b"]), TeacherLabels(3, None))
+    assert resolve_label_order(DataLabels(["1", "0"]), TeacherLabels(2, None)) == ["0", "1"]
+    with pytest.raises(DistilError, match=r"\[LABEL_0, LABEL_1\] vs data labels \[a, b\]"):
+        resolve_label_order(DataLabels(["b", "a"]), TeacherLabels(2, None))
+    with pytest.raises(DistilError, match="2 output classes but the training data has 3 labels"):
+        resolve_label_order(DataLabels(["a", "b", "c"]), TeacherLabels(2, None))
+    assert resolve_label_order(DataLabels(["b", "a"]), TeacherLabels(2, None), ["b", "a"]) == ["b", "a"]
+    assert resolve_label_order(DataLabels(["b", "a"]), TeacherLabels(2, None), " b, a") == ["b", "a"]
+    # An explicit order must cover the data, fit the teacher, and agree with a teacher that names its classes.
+    assert resolve_label_order(DataLabels(["pos", "neg"]), TeacherLabels(2, ["POS", "NEG"]), ["pos", "neg"]) == [
+        "pos", "neg"]
+    with pytest.raises(DistilError, match=r"lacks labels \['c'\]"):
+        resolve_label_order(DataLabels(["a", "c"]), TeacherLabels(2, None), ["a", "b"])
+    with pytest.raises(DistilError, match="names 3 labels"):
+        resolve_label_order(DataLabels(["a", "b"]), TeacherLabels(2, None), ["a", "b", "c"])
+    with pytest.raises(DistilError, match=r"duplicates: \['a'\]"):
+        resolve_label_order(DataLabels(["a"]), None, ["a", "a"])
+    with pytest.raises(DistilError, match="contradicts the teacher"):
+        resolve_label_order(DataLabels(["pos", "neg"]), TeacherLabels(2, ["neg", "pos"]), ["pos", "neg"])
+
+
+def test_label_order_teacher_with_other_labels_is_refused(bases, tmp_path, small_classification):
+    """A teacher whose classes are not the data's labels would hand the student wrong soft targets."""
+    other = random_teacher(bases, tmp_path / "other", "classification", ["good", "bad"])
+    with pytest.raises(DistilError, match=r"labels \['neg', 'pos'\] that the teacher does not predict"):
+        run_task("classification", bases["student_base"], small_classification, small_classification,
+                 tmp_path / "o", teacher=other, **ONE_STEP)
+    swapped = random_teacher(bases, tmp_path / "swapped", "classification", ["pos", "neg"])
+    with pytest.raises(DistilError, match="contradicts the teacher"):
+        run_task("classification", bases["student_base"], small_classification, small_classification,
+                 tmp_path / "o", teacher=swapped, label_order=["neg", "pos"], **ONE_STEP)
+    three = random_teacher(bases, tmp_path / "three", "classification", 3)
+    with pytest.raises(DistilError, match="3 output classes but the training file .* has 2 labels"):
+        run_task("classification", bases["student_base"], small_classification, small_classification,
+                 tmp_path / "o", teacher=three, **ONE_STEP)
+    ner_teacher = random_teacher(bases, tmp_path / "ner", "ner", ["O", "B-PER"])
+    conll_file = tmp_path / "train.txt"
+    conll_file.write_text(conll(ner_sentences()[:4]))
+    with pytest.raises(DistilError, match=r"labels \['B-LOC', 'B-ORG'\] that the teacher does not predict"):
+        run_task("ner", bases["student_base"], conll_file, conll_file, tmp_path / "o", teacher=ner_teacher, **ONE_STEP)
+    assert not (tmp_path / "o").exists()
+
+
+def teacher_student_kl(task: str, teacher, student, columns: dict[str, list]) -> float:
+    """Mean KL(teacher || student) at temperature 1 over the rows the loss sees: each sentence
+    (classification), each word's first sub-token (ner), or each window's start and end
+    distributions over its real tokens (qa)."""
+    batch = collate(columns, list(range(len(columns["input_ids"]))), make_tokenizer().pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        teacher_out = _logits(task, teacher(**_model_inputs(teacher, batch)))
+        student_out = _logits(task, student(**_model_inputs(student, batch)))
+    divergences = []
+    for teacher_logits, student_logits in zip(teacher_out, student_out):
+        if task == "qa":  # a distribution over positions: padding is no position
+            padding = batch["attention_mask"] == 0
+            teacher_logits, student_logits = teacher_logits.masked_fill(padding, -1e4), student_logits.masked_fill(
+                padding, -1e4)
+        log_t, log_s = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+        per_row = (log_t.exp() * (log_t - log_s)).sum(-1)
+        divergences.append(per_row[batch["labels"] != -100].mean() if task == "ner" else per_row.mean())
+    return float(sum(divergences) / len(divergences))
+
+
+def pure_distillation_case(task: str, tmp_path: Path):
+    """(train file, teacher labels, AutoModel class, extra run_task kwargs) of a tiny fixed case."""
+    if task == "classification":
+        train = tmp_path / "train.jsonl"
+        train.write_text("".join(json.dumps(row) + "\n" for row in sentiment_rows()[:16]))
+        return train, ["neg", "pos"], AutoModelForSequenceClassification, {}
+    if task == "ner":
+        train = tmp_path / "train.txt"
+        train.write_text(conll(ner_sentences()[:16]))
+        return train, ["B-LOC", "B-ORG", "B-PER", "O"], AutoModelForTokenClassification, {"ner_scheme": "IOB2"}
+    train = tmp_path / "train.json"
+    squad_file(train, squad_rows(0, 8))
+    return train, None, AutoModelForQuestionAnswering, {"doc_stride": 8}
+
+
+@pytest.mark.parametrize("task", ["classification", "ner", "qa"])
+def test_pure_distillation_moves_the_student_toward_the_teacher(bases, tmp_path, task):
+    """alpha_task=0: only the teacher's soft targets teach. Dropping, swapping or misaligning its logits
+    leaves KL(teacher || student) where it was or raises it; used as intended, it falls below half."""
+    train, labels, auto_class, extra = pure_distillation_case(task, tmp_path)
+    teacher_dir = random_teacher(bases, tmp_path / "teacher", task, labels or 2)
+    teacher = auto_class.from_pretrained(teacher_dir).eval()
+    tokenizer = make_tokenizer()
+    if task == "classification":
+        data = prepare_classification(tokenizer, train, train, 48, TeacherLabels(2, labels))
+    elif task == "ner":
+        data = prepare_ner(tokenizer, train, train, 48, TeacherLabels(4, labels))
+    else:
+        data = prepare_qa(tokenizer, train, train, 48, doc_stride=8)
+    torch.manual_seed(42)  # run_task seeds the same way just before it builds the student
+    initial = load_student(task, bases["student_base"], data.label_names).eval()
+    before = teacher_student_kl(task, teacher, initial, data.train)
+    assert before > 0.1  # the teacher disagrees clearly with a fresh head, so the fall below is not noise
+    run_task(task, bases["student_base"], train, train, tmp_path / "out", teacher=teacher_dir, alpha_ce=1.0,
+             alpha_task=0.0, temperature=2.0, epochs=100, max_steps=40, lr=1e-2, batch_size=8, max_length=48,
+             warmup_fraction=0.0, log_every=10, progress=False, **extra)
+    after = teacher_student_kl(task, teacher, auto_class.from_pretrained(tmp_path / "out").eval(), data.train)
+    assert after < 0.5 * before, f"KL(teacher || student) went from {before:.4f} to {after:.4f}"
 
 
 def test_collate_pads_ids_labels_and_masks():
     import numpy as np
-
-    from distil.tasks.finetune import collate
 
     columns = {"input_ids": [np.array([2, 7, 3]), np.array([2, 3])], "token_type_ids": [np.array([0, 0, 1]), [0, 0]],
                "labels": [np.array([-100, 4, -100]), np.array([-100, -100])], "start_positions": [1, 0]}
@@ -240,3 +467,16 @@ def test_learning_rate_warms_up_then_decays_linearly():
     assert [round(factor(step), 4) for step in range(11)] == [
         0.25, 0.5, 0.75, 1.0, round(6 / 7, 4), round(5 / 7, 4), round(4 / 7, 4), round(3 / 7, 4), round(2 / 7, 4),
         round(1 / 7, 4), 0.0]
+
+
+def test_label_order_of_an_already_fine_tuned_student_head_must_match(bases, tmp_path, small_classification):
+    """A student that already has a trained head keeps it: classes in another order would be read swapped."""
+    train = evaluation = small_classification
+    first = tmp_path / "first"
+    run_task("classification", bases["student_base"], train, evaluation, first, **{**FAST, "epochs": 1})
+    assert saved_labels(first)[0] == {0: "neg", 1: "pos"}
+    with pytest.raises(DistilError, match=r"already has a trained classification head for the classes \['neg', 'pos'\]"):
+        run_task("classification", str(first), train, evaluation, tmp_path / "swapped", label_order=["pos", "neg"],
+                 **{**FAST, "epochs": 1})
+    assert not (tmp_path / "swapped").exists()
+    run_task("classification", str(first), train, evaluation, tmp_path / "same", **{**FAST, "epochs": 1})

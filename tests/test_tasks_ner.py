@@ -10,6 +10,7 @@ from distil.tasks.ner import (
     IGNORE_INDEX, NERSentence, align_labels, build_ner_features, entity_scores, get_entities, label_list, read_conll,
     word_tags,
 )
+from distil.tasks.task_data import TeacherLabels, prepare_ner
 
 VOCAB = Path(__file__).parent / "data" / "tasks" / "vocab.txt"
 
@@ -91,3 +92,22 @@ def test_entity_scores_need_exact_span_and_type():
     assert (scores["precision"], scores["recall"], scores["f1"]) == (0.0, 0.0, 0.0)
     # IOB1 and IOB2 tags for the same entities score the same in lenient mode.
     assert entity_scores([["I-PER", "I-PER", "O"]], [["B-PER", "I-PER", "O"]])["f1"] == 1.0
+
+
+def test_label_order_ner_tags_need_the_teachers_names_or_label_order(tokenizer, tmp_path):
+    """CoNLL tags are strings with no id order of their own: an unnamed teacher (LABEL_0...) could
+    mean any order, so it is refused unless label_order says which; a named teacher maps by name."""
+    path = tmp_path / "train.txt"
+    path.write_text("John B-PER\nlives O\nin O\nBerlin B-LOC\n")
+    word_labels = ["B-PER", "O", "O", "B-LOC"]
+    with pytest.raises(DistilError) as refused:
+        prepare_ner(tokenizer, path, path, 16, TeacherLabels(3, None))
+    assert "[LABEL_0, LABEL_1, LABEL_2] vs data labels [B-LOC, B-PER, O]" in str(refused.value)
+    for teacher, order in ((TeacherLabels(3, None), ["O", "B-PER", "B-LOC"]),
+                           (TeacherLabels(4, ["O", "B-LOC", "B-MISC", "B-PER"]), None)):
+        data = prepare_ner(tokenizer, path, path, 16, teacher, label_order=order)
+        names = order or teacher.names
+        assert data.label_names == names
+        # [CLS] john lives in ber ##lin [SEP]: labels on first sub-tokens, in the resolved ids.
+        ids = [names.index(label) for label in word_labels]
+        assert data.train["labels"][0].tolist() == [IGNORE_INDEX, *ids, IGNORE_INDEX, IGNORE_INDEX]

@@ -124,6 +124,10 @@ def _add_task(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence or window (default: 384 for qa, else 128)")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of steps with linear warm-up (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--label-order", type=lambda s: [c.strip() for c in s.split(",") if c.strip()], default=None,
+                   metavar="A,B,C",
+                   help="classification/ner: the data's label names in the teacher's id order (LABEL_0 first); "
+                        "needed when the teacher's labels are unnamed and the data's are names, e.g. in a CSV")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
     p.add_argument("--log-every", type=int, default=50, help="training steps per metrics.jsonl line (default 50)")
@@ -309,6 +313,7 @@ def run(args: argparse.Namespace) -> None:
             train_split=args.train_split, eval_split=args.eval_split, warmup_fraction=args.warmup_fraction,
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_steps=args.max_steps,
             log_every=args.log_every, seed=args.seed, device=args.device, overwrite=args.overwrite,
+            label_order=args.label_order,
         )
         print(json.dumps(metrics, indent=2))
     elif args.command == "evaluate":

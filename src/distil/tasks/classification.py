@@ -1,8 +1,10 @@
 """Sequence classification: labelled data from CSV / JSONL / a `datasets` dataset, features and scores.
 
 Each row has one text (single-sentence tasks such as SST-2) or two (pair tasks such as MNLI) and
-a label. Labels are kept as strings; their ids follow the sorted label set of the training data
-(numbers sort as numbers), and the mapping is saved in the model config (id2label/label2id).
+a label. Labels are kept as strings. A `datasets` ClassLabel column also brings its names in id
+order (`ClassificationData.id_order`), which task_data keeps; plain files carry no order, so their
+ids come from a teacher, an explicit order, or (with neither) the sorted label set (numbers sort as
+numbers). The mapping is saved in the model config (id2label/label2id).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class ClassificationData:
     texts: list[str]
     text_pairs: list[str] | None
     labels: list[str]
+    # Label names in id order when the source fixes them (a ClassLabel column); None for plain files.
+    id_order: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -71,7 +75,8 @@ def _rows_to_data(rows: Iterable[Mapping], columns: Sequence[str], text_columns,
     if label_column not in columns:
         raise DistilError(
             f"{source} has no label column {label_column!r}; its columns are {list(columns)}. Name the label column.")
-    data = ClassificationData([], [] if len(chosen) == 2 else None, [])
+    data = ClassificationData([], [] if len(chosen) == 2 else None, [],
+                              None if label_names is None else [str(name) for name in label_names])
     for number, row in enumerate(rows, start=1):
         label = row.get(label_column)
         if label is None or label == "" or (label_names is not None and int(label) < 0):
@@ -129,7 +134,8 @@ def load_classification_dataset(
 ) -> ClassificationData:
     """Load one split of a `datasets` dataset (hub name, or a directory written by save_to_disk).
 
-    Integer labels of a ClassLabel column are turned into its label names.
+    Integer labels of a ClassLabel column are turned into its label names, and the names in id
+    order are kept as `id_order` (MNLI: entailment, neutral, contradiction = 0, 1, 2).
     """
     try:
         import datasets
@@ -153,12 +159,20 @@ def load_classification_dataset(
 
 
 def sorted_labels(labels: Iterable[str]) -> list[str]:
-    """Distinct labels in id order: numerically when all are integers ("2" before "10"), else as text."""
+    """Distinct labels, numerically when all are integers ("2" before "10"), else as text. The id
+    order only when nothing else fixes it (no teacher, no ClassLabel names, no explicit order)."""
     distinct = set(labels)
-    try:
+    if all(is_integer_label(label) for label in distinct):
         return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def is_integer_label(label: str) -> bool:
+    """True for a label written as a plain integer ("0", "12", "-1"): such a label can be a class id."""
+    try:
+        return str(int(label)) == label
     except ValueError:
-        return sorted(distinct)
+        return False
 
 
 def build_classification_features(

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distil.errors import DistilError
-from distil.loading import load_config, load_model, load_tokenizer
+from distil.loading import load_model, load_tokenizer
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
 from distil.tasks import task_data
 from distil.tasks.task_losses import qa_distillation_loss, qa_task_loss, task_distillation_loss, task_loss
@@ -75,6 +75,7 @@ def run_task(
     ner_scheme: str = "IOB1",
     text_columns: Sequence[str] | None = None,
     label_column: str = "label",
+    label_order: Sequence[str] | str | None = None,
     dataset: str | None = None,
     dataset_config: str | None = None,
     train_split: str = "train",
@@ -94,12 +95,17 @@ def run_task(
     Metrics: classification {"accuracy", "macro_f1"}; ner {"precision", "recall", "f1", "accuracy", ...}
     (fractions); qa {"exact_match", "f1", "total"} in percent (+ HasAns_/NoAns_ for SQuAD v2.0);
     all with "eval_loss" (the student's task cross-entropy on the eval set).
+
+    `label_order` (classification, ner): the data's label names in the teacher's id order (a list, or
+    one comma-separated string), needed when the teacher's classes are unnamed (LABEL_0...) and the
+    data's labels are names nothing orders; see task_data.resolve_label_order.
     """
+    if label_order is not None and task == "qa":
+        raise DistilError("label_order applies to classification and ner, not qa (it predicts positions). Leave it out.")
     _check_arguments(task, teacher, alpha_ce, alpha_task, temperature, epochs, lr, batch_size, warmup_fraction,
                      max_steps, log_every)
     check_output_dir(output_dir, overwrite)  # fail now, not after training
     max_length = max_length or DEFAULT_MAX_LENGTH[task]
-    _seed_everything(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     tokenizer = load_tokenizer(student)
@@ -109,26 +115,32 @@ def run_task(
                               "cannot be padded. Save the tokenizer with a pad token.")
         # GPT-style tokenizers have no pad token; their end-of-text token pads (attention masks hide it).
         tokenizer.pad_token = tokenizer.eos_token
-    teacher_labels = None
+    teacher_labels, teacher_model = None, None
     if teacher is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(teacher), student, teacher)
+        # Loaded before the data: a teacher without a trained head is the first thing to report, and
+        # its class names (config.id2label) fix the label ids.
+        teacher_model = load_teacher(task, teacher)
         if task != "qa":
-            teacher_labels = task_data.TeacherLabels.from_config(load_config(teacher))
+            teacher_labels = task_data.TeacherLabels.from_config(teacher_model.config)
 
     if task == "classification":
         data = task_data.prepare_classification(
             tokenizer, train_file, eval_file, max_length, teacher_labels, text_columns, label_column, dataset,
-            dataset_config, train_split, eval_split)
+            dataset_config, train_split, eval_split, label_order)
     elif task == "ner":
-        data = task_data.prepare_ner(tokenizer, train_file, eval_file, max_length, teacher_labels, ner_scheme)
+        data = task_data.prepare_ner(tokenizer, train_file, eval_file, max_length, teacher_labels, ner_scheme,
+                                     label_order)
     else:
         data = task_data.prepare_qa(tokenizer, train_file, eval_file, max_length, doc_stride, max_query_length,
                                     max_answer_length, n_best_size, null_score_diff_threshold, version_2)
 
+    # Seeded here, so the student's fresh head depends on the seed alone, not on what was loaded before.
+    _seed_everything(seed)
     student_model = load_student(task, student, data.label_names).to(device)
     if student_model.config.pad_token_id is None:
         student_model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-    teacher_model = load_teacher(task, teacher).to(device) if teacher is not None else None
+    teacher_model = teacher_model.to(device) if teacher_model is not None else None
     for name, model in (("student", student_model), ("teacher", teacher_model)):
         if model is not None:
             _check_length_fits(model, max_length, name)
@@ -138,7 +150,8 @@ def run_task(
         "temperature": temperature, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
         "warmup_fraction": warmup_fraction, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
         "max_steps": max_steps, "seed": seed, "train_file": _str(train_file), "eval_file": _str(eval_file),
-        "dataset": dataset, "dataset_config": dataset_config, "label_names": data.label_names, **data.details,
+        "dataset": dataset, "dataset_config": dataset_config, "label_names": data.label_names,
+        "label_order": label_order.split(",") if isinstance(label_order, str) else _list(label_order), **data.details,
     }
     if task == "qa":
         settings.update(doc_stride=doc_stride, max_query_length=max_query_length, max_answer_length=max_answer_length,
@@ -187,6 +200,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _list(values) -> list | None:
+    return None if values is None else list(values)
+
+
 def _str(path) -> str | None:
     return None if path is None else str(path)
 
@@ -217,6 +234,7 @@ def load_student(task: str, name_or_path: str, label_names: list[str] | None):
     """The student with a task head; a head the checkpoint lacks (or sized for other labels) starts fresh."""
     kwargs = {}
     if label_names is not None:
+        _check_student_head_labels(name_or_path, task, label_names)
         kwargs = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                   "label2id": {name: i for i, name in enumerate(label_names)}, "ignore_mismatched_sizes": True}
     model, info = load_model(name_or_path, _auto_class(task), **kwargs)
@@ -225,6 +243,26 @@ def load_student(task: str, name_or_path: str, label_names: list[str] | None):
         log.info("student %s: %d weights start fresh (the task head): %s", name_or_path, len(new),
                  ", ".join(map(str, new[:8])))
     return model.float()
+
+
+def _check_student_head_labels(name_or_path: str, task: str, label_names: list[str]) -> None:
+    """A student already fine-tuned for this task keeps its head when the label count matches: its classes must
+    then be the run's, in the run's order, or every logit would be read as another label."""
+    from distil.loading import load_config
+
+    config = load_config(name_or_path)
+    if getattr(config, "architectures", None) is None or not any(
+            a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in config.architectures):
+        return  # a base or MLM checkpoint: the head starts fresh
+    own = task_data.TeacherLabels.from_config(config)
+    if own.num_labels != len(label_names) or own.names is None or own.names == list(label_names):
+        return  # a head of another size starts fresh; unnamed or identical classes are kept as they are
+    raise DistilError(
+        f"The student {name_or_path} already has a trained {task} head for the classes {own.names} (in id order), "
+        f"but this run's classes in id order are {list(label_names)}: the head would keep its weights and read every "
+        "class as another. Start from the student's base (or MLM) checkpoint, or pass --label-order "
+        f"{','.join(own.names)} if the data's labels are those."
+    )
 
 
 def load_teacher(task: str, name_or_path: str):

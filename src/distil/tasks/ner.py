@@ -78,7 +78,8 @@ def read_conll(path: str | Path) -> list[NERSentence]:
 
 
 def label_list(sentences: Sequence[NERSentence]) -> list[str]:
-    """The labels used in `sentences`, sorted (the order that fixes label ids)."""
+    """The labels used in `sentences`, sorted. CoNLL fixes no id order: task_data.resolve_label_order
+    takes the teacher's names or an explicit label_order, and this sorted list only without a teacher."""
     return sorted({label for s in sentences for label in s.labels})
 
 

@@ -1,5 +1,8 @@
 """Per-task data preparation for `run_task`: read files, fix the label order, tokenize, and score.
 
+The label order matters most with a teacher: its logit i must mean the label the student calls i,
+or its soft targets contradict the hard labels (see `resolve_label_order`).
+
 Each `prepare_*` function returns a `TaskData`: tokenized training and evaluation columns (plain
 lists, padded per batch later), the label names in id order, and a `score` function that turns
 the model's evaluation outputs into the task's metrics.
@@ -45,33 +48,115 @@ class TeacherLabels:
         return cls(config.num_labels, None if generic else names)
 
 
-def resolve_label_order(data_labels: Sequence[str], teacher: TeacherLabels | None, order: Callable) -> list[str]:
-    """Label names in id order: the teacher's when it names its labels (its logits fix the order),
-    else the training data's labels ordered by `order`."""
-    ours = order(set(data_labels))
+@dataclass
+class DataLabels:
+    """The training data's labels and what the data itself fixes about their ids."""
+
+    seen: list[str]  # distinct labels the training data uses
+    id_order: list[str] | None = None  # names in id order when the source fixes them (a ClassLabel column)
+    source: str = "the training data"  # for messages
+
+
+def resolve_label_order(data: DataLabels, teacher: TeacherLabels | None,
+                        label_order: Sequence[str] | None = None) -> list[str]:
+    """Label names in id order (logit i of teacher and student is label i).
+
+    In this order of precedence: an explicit `label_order` (the data's names in the teacher's id
+    order); the teacher's own names (its logits follow them, the data is mapped by name); the
+    order the data fixes (ClassLabel names); integer labels, which are the ids themselves when the
+    teacher is unnamed; the sorted labels when there is no teacher. An unnamed teacher with
+    labels whose order nothing fixes is refused: a guess could silently swap its classes.
+    """
+    seen = sorted(set(data.seen))
+    if label_order is not None:
+        names = label_order.split(",") if isinstance(label_order, str) else list(label_order)
+        return _explicit_order(names, seen, teacher, data.source)
     if teacher is None:
-        return ours
-    if teacher.names is None:
-        if teacher.num_labels != len(ours):
+        return list(data.id_order) if data.id_order is not None else classification.sorted_labels(seen)
+    if teacher.names is not None:
+        unknown = [label for label in seen if label not in teacher.names]
+        if unknown:
             raise DistilError(
-                f"The teacher has {teacher.num_labels} output classes but the training data has {len(ours)} labels "
-                f"({ours}). Student and teacher must predict the same label set."
+                f"{_capital(data.source)} has labels {unknown} that the teacher does not predict (teacher labels in "
+                f"id order: {teacher.names}). Student and teacher must share the label set: use the teacher's "
+                "training data, or, if the teacher's classes are the same labels under other names, give the data's "
+                "label names in the teacher's id order with label_order (--label-order)."
             )
-        log.warning("The teacher's labels are unnamed (LABEL_0...); assuming they follow the sorted order %s", ours)
-        return ours
-    unknown = sorted(set(ours) - set(teacher.names))
-    if unknown:
+        if data.id_order is not None and data.id_order != teacher.names:
+            log.info("label ids follow the teacher's names %s, not the data's order %s (labels mapped by name)",
+                     teacher.names, data.id_order)
+        return list(teacher.names)
+    unnamed = [f"LABEL_{i}" for i in range(teacher.num_labels)]
+    if data.id_order is not None:
+        if len(data.id_order) != teacher.num_labels:
+            raise DistilError(
+                f"The teacher has {teacher.num_labels} output classes but {data.source} names "
+                f"{len(data.id_order)} labels ({data.id_order}). Student and teacher must predict the same label set."
+            )
+        return list(data.id_order)
+    if all(classification.is_integer_label(label) for label in seen):
+        outside = [label for label in seen if not 0 <= int(label) < teacher.num_labels]
+        if outside:
+            raise DistilError(
+                f"{_capital(data.source)} has integer labels, read as the teacher's class ids, but {outside} are not "
+                f"among the teacher's {teacher.num_labels} classes (0 to {teacher.num_labels - 1}). Use the "
+                "teacher's training data, or a teacher fine-tuned on these labels."
+            )
+        return [str(i) for i in range(teacher.num_labels)]
+    if len(seen) != teacher.num_labels:
         raise DistilError(
-            f"The training data has labels {unknown} that the teacher does not predict (teacher labels: "
-            f"{teacher.names}). Student and teacher must share the label set; use the teacher's training data."
+            f"The teacher has {teacher.num_labels} output classes but {data.source} has {len(seen)} labels "
+            f"({seen}). Student and teacher must predict the same label set."
         )
-    return list(teacher.names)
+    raise DistilError(
+        f"The teacher's output classes are unnamed and the labels of {data.source} are names whose id order nothing "
+        f"fixes, so which teacher class means which label cannot be known: teacher classes in id order "
+        f"[{', '.join(unnamed)}] vs data labels [{', '.join(seen)}] (sorted here, which need not be the teacher's "
+        "order; a wrong guess makes the teacher's soft targets contradict the labels). Give the data's label names "
+        f"in the teacher's id order with label_order (CLI: --label-order {','.join(seen)} would say LABEL_0 is "
+        f"{seen[0]}; the teacher's model card or training data tells), or use data that fixes the ids (a `datasets` "
+        "ClassLabel column, or integer labels that are the class ids)."
+    )
+
+
+def _explicit_order(order: list[str], seen: list[str], teacher: TeacherLabels | None, source: str) -> list[str]:
+    """Check a user-given label order against the data and the teacher, and return it."""
+    order = [str(name).strip() for name in order]
+    duplicates = sorted({name for name in order if order.count(name) > 1})
+    if not order or "" in order or duplicates:
+        raise DistilError(
+            f"label_order {order} must list each label name once (duplicates: {duplicates}), in the teacher's id "
+            "order, e.g. --label-order entailment,neutral,contradiction."
+        )
+    missing = [label for label in seen if label not in order]
+    if missing:
+        raise DistilError(
+            f"label_order {order} lacks labels {missing} that {source} uses. List every label, in the teacher's id "
+            "order."
+        )
+    if teacher is not None and len(order) != teacher.num_labels:
+        raise DistilError(
+            f"label_order names {len(order)} labels ({order}) but the teacher has {teacher.num_labels} output "
+            "classes. Give one name per teacher class, in its id order."
+        )
+    if teacher is not None and teacher.names is not None and set(seen) <= set(teacher.names) \
+            and order != teacher.names:
+        raise DistilError(
+            f"label_order {order} contradicts the teacher, which names its classes in id order {teacher.names}. "
+            "Leave label_order out (the data is then mapped by the teacher's names) or correct it."
+        )
+    return order
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def prepare_classification(
     tokenizer, train_file, eval_file, max_length: int, teacher: TeacherLabels | None = None,
     text_columns: Sequence[str] | None = None, label_column: str = "label", dataset: str | None = None,
     dataset_config: str | None = None, train_split: str = "train", eval_split: str = "validation",
+    label_order: Sequence[str] | None = None,
 ) -> TaskData:
     def read(path, split):
         if path is not None:
@@ -83,7 +168,8 @@ def prepare_classification(
     train_data, eval_data = read(train_file, train_split), read(eval_file, eval_split)
     if (train_data.text_pairs is None) != (eval_data.text_pairs is None):
         raise DistilError("The train data has one text column and the eval data two (or the reverse). Use the same columns.")
-    names = resolve_label_order(train_data.labels, teacher, classification.sorted_labels)
+    source = f"the training file {train_file}" if train_file is not None else f"the dataset {dataset}"
+    names = resolve_label_order(DataLabels(train_data.labels, train_data.id_order, source), teacher, label_order)
     label_to_id = {name: i for i, name in enumerate(names)}
     train = classification.build_classification_features(train_data, tokenizer, label_to_id, max_length)
     evaluation = classification.build_classification_features(eval_data, tokenizer, label_to_id, max_length)
@@ -101,13 +187,16 @@ def prepare_classification(
 
 def prepare_ner(
     tokenizer, train_file, eval_file, max_length: int, teacher: TeacherLabels | None = None, scheme: str = "IOB1",
+    label_order: Sequence[str] | None = None,
 ) -> TaskData:
     if train_file is None or eval_file is None:
         raise DistilError("NER needs a train file and an eval file in CoNLL format.")
     if scheme not in ner.SCHEMES:
         raise DistilError(f"Unknown NER tagging scheme {scheme!r}. Use one of {', '.join(ner.SCHEMES)}.")
     train_sentences, eval_sentences = ner.read_conll(train_file), ner.read_conll(eval_file)
-    names = resolve_label_order(ner.label_list(train_sentences), teacher, sorted)
+    # CoNLL tags are plain strings: nothing in the file fixes their ids.
+    names = resolve_label_order(DataLabels(ner.label_list(train_sentences), None, f"the training file {train_file}"),
+                                teacher, label_order)
     label_to_id = {name: i for i, name in enumerate(names)}
     id_to_label = dict(enumerate(names))
     train = ner.build_ner_features(train_sentences, tokenizer, label_to_id, max_length)
