@@ -60,8 +60,10 @@ def test_bad_values_are_explained(override, match):
 def test_missing_recipe_and_two_student_sources(tmp_path):
     with pytest.raises(DistilError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    both = tmp_path / "both.yaml"
+    both.write_text("teacher: {path: t}\ndata: {path: d}\nstudent: {path: /some/dir, layers: [0, 2]}\n")
     with pytest.raises(DistilError, match="one way only"):
-        load_config(RECIPES / "distilbert-base-uncased.yaml", ["student.path=/some/dir"])
+        load_config(both)
 
 
 @pytest.mark.parametrize("task,name", [("qa", "distilbert-base-uncased-distilled-squad"),
@@ -85,3 +87,11 @@ def test_task_recipe_with_unknown_key(tmp_path):
     bad.write_text("student: x\nlearning_rate: 1\n")
     with pytest.raises(DistilError, match="unknown keys \\['learning_rate'\\]"):
         _apply_task_recipe(build_parser(), ["task", "qa", "--recipe", str(bad)])
+
+
+def test_student_on_the_command_line_replaces_the_recipes_way_of_making_one():
+    """init-student, then `distil train RECIPE student.path=DIR` on a recipe that sets student.layers."""
+    config = load_config(RECIPES / "minilm-l3-demo.yaml", ["student.path=students/mine"])
+    assert config.student.path == "students/mine" and config.student.layers is None
+    config = load_config(RECIPES / "minilm-l3-demo.yaml", ["student.num_layers=2"])
+    assert config.student.num_layers == 2 and config.student.layers is None and config.student.path is None

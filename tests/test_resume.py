@@ -80,15 +80,19 @@ def test_sigkill_then_resume_gives_the_same_losses(workspace, uninterrupted):
     assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints
 
 
-def test_sigterm_saves_a_checkpoint_and_stops_cleanly(workspace, uninterrupted):
-    path = recipe(workspace, "preempted")
-    run_dir = workspace[0] / "preempted"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupt_saves_a_checkpoint_exits_non_zero_and_resumes(workspace, uninterrupted, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM: a checkpoint at the step boundary, exit 128 + signal (130, 143)
+    so that `distil train ... && distil evaluate ...` stops, and the same command resumes exactly."""
+    name = f"preempted-{sig.name}"
+    path = recipe(workspace, name)
+    run_dir = workspace[0] / name
     proc = start(path)
     wait_for_step(run_dir, 15, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "saving a checkpoint" in err
+    assert proc.returncode == 128 + sig.value, err[-3000:]
+    assert "saving a checkpoint" in err and f"stopped by {sig.name}" in err
     stopped_at = max(per_step(run_dir))
     assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:08d}"

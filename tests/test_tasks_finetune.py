@@ -480,3 +480,16 @@ def test_label_order_of_an_already_fine_tuned_student_head_must_match(bases, tmp
                  **{**FAST, "epochs": 1})
     assert not (tmp_path / "swapped").exists()
     run_task("classification", str(first), train, evaluation, tmp_path / "same", **{**FAST, "epochs": 1})
+
+
+@pytest.mark.parametrize("teacher,alpha_ce,alpha_task,match", [
+    (False, 0.0, 0.0, "both 0"), (False, 0.5, 0.0, "no teacher"), (True, 0.0, 0.0, "both 0"),
+])
+def test_task_with_nothing_to_learn_is_refused_before_any_output(bases, tmp_path, small_classification, teacher,
+                                                                 alpha_ce, alpha_task, match):
+    data = small_classification
+    teacher_path = random_teacher(bases, tmp_path / "t", "classification", labels=["neg", "pos"]) if teacher else None
+    with pytest.raises(DistilError, match=match):
+        run_task("classification", bases["student_base"], data, data, tmp_path / "out", teacher=teacher_path,
+                 alpha_ce=alpha_ce, alpha_task=alpha_task, **FAST)
+    assert not (tmp_path / "out").exists()

@@ -290,7 +290,7 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
                           loss={"alpha_ce": 1.0, "alpha_clm": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0})
     config = load_config(recipe)
     acc = make_accelerator(config)
-    models = load_models(config, student_source(config, workspace / "run-heldout-means", True, lambda: None),
+    models = load_models(config, student_source(config, workspace / "run-heldout-means", True, lambda: None)[0],
                          acc.device)
     pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
     objective = Objective(term_spec_from(config, models.objective, pairs), models.teacher, models.student, None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from distil import __version__
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
+    """Run one subcommand; returns its exit status when it is not 0."""
     if args.command == "prepare":
         from distil.data.prepare import prepare
 
@@ -294,6 +296,11 @@ def run(args: argparse.Namespace) -> None:
 
         summary = train(load_config(args.recipe, args.overrides))
         print(json.dumps(summary, indent=2, default=str))
+        if summary["stopped_early"]:
+            # Not 0: `distil train ... && distil evaluate ...` must not go on with an unfinished student.
+            print(f"distil train: stopped by {summary['stopped_by']} at step {summary['steps']} of "
+                  f"{summary['total_steps']}; the checkpoint is saved. Run the same command to resume.", file=sys.stderr)
+            return 128 + signal.Signals[summary["stopped_by"]].value
     elif args.command == "task":
         from distil.tasks.finetune import run_task
 
@@ -359,11 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     try:
         args = _apply_task_recipe(parser, argv) or args
-        run(args)
+        return run(args) or 0
     except DistilError as exc:
         print(f"distil {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distil {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0

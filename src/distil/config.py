@@ -115,6 +115,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+STUDENT_SOURCES = ("path", "layers", "num_layers", "config")
+
+
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" Did you mean {match[0]!r}?" if match else f" Known keys: {', '.join(options)}."
@@ -161,6 +164,11 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         _set_fields(config, values, "")
     for text in overrides or []:
         keys, value = parse_override(text)
+        if len(keys) == 2 and keys[0] == "student" and keys[1] in STUDENT_SOURCES and value is not None:
+            # A student given on the command line replaces the recipe's way of making one (path, layers,
+            # num_layers or config), e.g. `student.path=` a directory from distil init-student.
+            for other in STUDENT_SOURCES:
+                setattr(config.student, other, None)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}

@@ -183,8 +183,11 @@ def _check_arguments(task, teacher, alpha_ce, alpha_task, temperature, epochs, l
         raise DistilError(f"The temperature must be positive, got {temperature}.")
     if alpha_ce < 0 or alpha_task < 0:
         raise DistilError(f"Loss weights must not be negative (alpha_ce={alpha_ce}, alpha_task={alpha_task}).")
-    if teacher is not None and alpha_ce + alpha_task == 0:
+    if alpha_ce + alpha_task == 0:
         raise DistilError("alpha_ce and alpha_task are both 0, so there is nothing to learn. Give one a positive weight.")
+    if teacher is None and alpha_task == 0:
+        raise DistilError("alpha_task is 0 and there is no teacher, so there is nothing to learn: without --teacher "
+                          "the task loss is the only one. Give alpha_task a positive weight, or pass --teacher.")
     if epochs < 1 or batch_size < 1 or lr <= 0 or log_every < 1 or (max_steps is not None and max_steps < 1):
         raise DistilError(
             f"epochs ({epochs}), batch_size ({batch_size}), log_every ({log_every}) and max_steps ({max_steps}) must be "

@@ -28,10 +28,11 @@ from distil.metrics_log import MetricsLog
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
+from distil.training.recipe_changes import check_resume_recipe
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student
-from distil.training.setup import (build_masker, build_optimizer, build_scheduler, freeze_embeddings,
-                                   fused_projections, layer_pairs, load_models, make_accelerator, seed_everything,
-                                   student_source)
+from distil.training.setup import (build_masker, build_optimizer, build_scheduler, discarded_on_error,
+                                   freeze_embeddings, fused_projections, keep_student_init, layer_pairs, load_models,
+                                   make_accelerator, seed_everything, student_source)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -57,6 +59,7 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         log.warning("Received %s: saving a checkpoint at the end of this step, then stopping "
                     "(press Ctrl-C again to stop at once).", signal.Signals(signum).name)
 
@@ -71,25 +74,14 @@ def train(config: TrainConfig) -> dict:
     rank, world, is_main, device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
     run_dir = Path(config.run.output_dir)
     resume_from = prepare_run_dir(run_dir, config, is_main)
-    acc.wait_for_everyone()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "recipe.yaml")
+    if resume_from is not None:
+        check_resume_recipe(run_dir, config)
     seed_everything(config.run.seed)
 
-    student_dir = student_source(config, run_dir, is_main, acc.wait_for_everyone)
-    models = load_models(config, student_dir, device)
-    pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
-    spec = term_spec_from(config, models.objective, pairs)
-    objective = Objective(spec, models.teacher, models.student, fused_projections(config, models, spec), acc.autocast)
-    frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
-                               config.run.freeze_token_type_embeddings)
-
+    # Every start-up check runs before the run directory is created or changed.
     train_data = TokenSequences(config.data.path, "train", config.data.max_length)
     manifest = train_data.manifest
     pad_id = pad_id_of(manifest)
-    vocab_size = models.student.get_input_embeddings().num_embeddings
-    masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) if spec.needs_masking else None
     global_batch = config.data.batch_size * world
     heldout, eval_batches = None, []
     if manifest["splits"].get("heldout", {}).get("sequences", 0) > 0:
@@ -100,9 +92,27 @@ def train(config: TrainConfig) -> dict:
                                  group_by_length=config.data.group_by_length)
     total_steps = config.optim.max_steps or max(1, math.ceil(config.optim.epochs * sampler.batches_per_epoch()))
 
+    student_dir, student_init = student_source(config, run_dir, is_main, acc.wait_for_everyone)
+    with discarded_on_error(student_init if is_main else None):
+        models = load_models(config, student_dir, device)
+        pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
+        spec = term_spec_from(config, models.objective, pairs)
+        vocab_size = models.student.get_input_embeddings().num_embeddings
+        masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) \
+            if spec.needs_masking else None
+    objective = Objective(spec, models.teacher, models.student, fused_projections(config, models, spec), acc.autocast)
+    frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
+                               config.run.freeze_token_type_embeddings)
+
     trained = models.student_trained
     optimizer = build_optimizer(trained, config)
     scheduler = build_scheduler(optimizer, total_steps, config.optim.warmup_fraction)
+    acc.wait_for_everyone()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep_student_init(student_init, run_dir)
+        dump_config(config, run_dir / "recipe.yaml")
+    acc.wait_for_everyone()
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, models.student, optimizer, rank)
@@ -203,6 +213,8 @@ def train(config: TrainConfig) -> dict:
     bar.close()
     summary = {"run_dir": str(run_dir), "steps": step, "total_steps": total_steps, "tokens_seen": tokens_seen,
                "stopped_early": stopped_early}
+    if stopped_early:  # a process that saw no signal itself was stopped by another's
+        summary["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
     if stopped_early:
         metrics.close()
         return summary
