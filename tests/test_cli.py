@@ -34,3 +34,17 @@ def test_user_errors_are_one_paragraph_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("distil init-student: error:") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_recipe_errors_come_before_torch_is_imported(tmp_path):
+    """A mistyped key is reported without importing torch (which takes seconds on a cold start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from distil.cli import main; rc = main(['train', sys.argv[1], 'loss.temprature=3']); "
+            "print('torch' in sys.modules, rc)")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher: {path: t}\ndata: {path: d}\n")
+    result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "2"], result.stderr
+    assert "Did you mean 'temperature'" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -292,9 +293,11 @@ def run(args: argparse.Namespace) -> int | None:
         )
     elif args.command == "train":
         from distil.config import load_config
+
+        config = load_config(args.recipe, args.overrides)  # validated before torch is imported: errors come at once
         from distil.training.loop import train
 
-        summary = train(load_config(args.recipe, args.overrides))
+        summary = train(config)
         print(json.dumps(summary, indent=2, default=str))
         if summary["stopped_early"]:
             # Not 0: `distil train ... && distil evaluate ...` must not go on with an unfinished student.
@@ -348,14 +351,13 @@ def run(args: argparse.Namespace) -> int | None:
 
 
 def _quiet_third_party() -> None:
-    """transformers prints a progress bar per weight file and a load report per model; distil says what matters."""
-    try:
-        import transformers
+    """transformers prints a progress bar per weight file and a load report per model; distil says what matters.
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    Through the environment, read when transformers is first imported: importing it here would cost a second
+    before a recipe error could be shown (distil.loading turns off its weight-loading bars when it loads one)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (distil.cli.main called from a program)
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.evaluation import lm_quality, retention, speed, table
-from distil.loading import load_tokenizer
+from distil.loading import check_exists, load_tokenizer
 from distil.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,9 @@ def evaluate(
     "speed_check" (do identical architectures time alike?), "ratios" to the first model and "markdown".
     """
     named = parse_model_specs(models)
+    # Every name is checked before the first model is evaluated: a typo in the last one must not cost the rest.
+    for name, path in named + ([("reference", reference)] if reference else []):
+        check_exists(path, f"model {name}" if name != "reference" else "reference model")
     _check_output(output, overwrite)
     speed_devices = _devices(devices) if speed_test else []
     if bool(task_train) != bool(task_eval):

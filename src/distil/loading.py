@@ -6,6 +6,7 @@ reachable. Local directories (save_pretrained layout) and single-file GGUF check
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -60,11 +61,44 @@ def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, st
 def check_exists(name_or_path: str, what: str) -> None:
     """A path that is clearly meant to be local must exist; hub ids are left to transformers."""
     name_or_path = resolve_source(name_or_path)
-    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if _looks_local(name_or_path):
+        if not Path(name_or_path).expanduser().exists():
+            raise DistilError(
+                f"The {what} path {name_or_path} does not exist. Give a directory written by save_pretrained "
+                f"(with config.json and weights), a .gguf file, or a hub id such as bert-base-uncased."
+            )
+        return
+    problem = _hub_problem(name_or_path)
+    if problem:
         raise DistilError(
-            f"The {what} path {name_or_path} does not exist. Give a directory written by save_pretrained "
-            f"(with config.json and weights), a .gguf file, or a hub id such as bert-base-uncased."
+            f"The {what} {name_or_path!r} is not a local path, and {problem}. If you meant a local directory, check "
+            "the spelling (./NAME for one in this folder); for a hub id, use a machine that reaches the hub or "
+            "download the model there with save_pretrained and point to the directory."
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_problem(repo_id: str) -> str | None:
+    """Why a hub id cannot be loaded here, found in one quick look (transformers would retry for tens of seconds
+    with repeated warnings before failing), or None when it can be (cached, or the hub has it)."""
+    from huggingface_hub import constants
+
+    if (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "the hub is switched off (HF_HUB_OFFLINE) and the model is not in the local cache"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        return "the hub has no model of that name (or it is private)"
+    except HfHubHTTPError:
+        return None  # gated, rate-limited, ...: the hub answered; transformers explains the rest
+    except Exception as exc:  # no network, DNS failure, timeout: whatever the HTTP client raises
+        return f"the model hub cannot be reached from this machine ({first_line(exc).rstrip('.')})"
+    return None
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
@@ -136,6 +170,7 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
     LM head (its head would be freshly initialised) from one that has it.
     """
     import torch
+    from transformers.utils import logging as transformers_logging
 
     check_exists(name_or_path, "model")
     source, gguf_file = split_gguf(resolve_source(name_or_path), gguf_file)
@@ -146,6 +181,7 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
+        transformers_logging.disable_progress_bar()  # one bar per weight file; distil logs what it loads
         model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
     except ValueError as exc:
         msg = first_line(exc)
