@@ -95,3 +95,20 @@ def test_student_on_the_command_line_replaces_the_recipes_way_of_making_one():
     assert config.student.path == "students/mine" and config.student.layers is None
     config = load_config(RECIPES / "minilm-l3-demo.yaml", ["student.num_layers=2"])
     assert config.student.num_layers == 2 and config.student.layers is None and config.student.path is None
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.betas=[a,b]", r"optim.betas must be a list of floats, got \['a', 'b'\]"),
+    ("loss.mask_replace=[x,0.1,0.1]", r"loss.mask_replace must be a list of floats"),
+    ("student.layers=[0,two]", r"student.layers must be a list of ints"),
+])
+def test_bad_input_list_elements_are_explained(override, match):
+    with pytest.raises(DistilError, match=match):
+        load_config(RECIPES / "distilbert-base-uncased.yaml", [override])
+
+
+def test_list_elements_of_the_right_kind_are_accepted():
+    config = load_config(RECIPES / "distilbert-base-uncased.yaml", ["optim.betas=[0,0.98]", "run.report_to=none"])
+    assert config.optim.betas == [0.0, 0.98] and config.run.report_to == []
+    assert load_config(RECIPES / "distilbert-base-uncased.yaml", ["run.report_to=tensorboard,wandb"]).run.report_to \
+        == ["tensorboard", "wandb"]

@@ -82,17 +82,23 @@ def test_trained_student_reloads_with_the_same_outputs(workspace):
 
 def test_metrics_tensorboard_and_recipe_written(workspace):
     _, run_dir = run(workspace, "bert", "run-files", optim={"max_steps": 6},
-                     run={"tensorboard": True, "eval_every": 3, "log_every": 2})
+                     run={"report_to": ["tensorboard"], "eval_every": 3, "log_every": 2})
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
     held = [r for r in rows if r["split"] == "heldout"]
     assert [r["step"] for r in held] == [3, 6]
     assert {"student_mlm", "teacher_mlm", "kd", "cos"} <= set(held[0])
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard (through accelerate's tracker) holds the same numbers under the same names as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    curve = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert curve == pytest.approx({r["step"]: r["loss"] for r in rows if r["split"] == "train"}, abs=1e-5)
+    assert [e.step for e in events.Scalars("heldout/kd")] == [3, 6]
     assert load_config(run_dir / "recipe.yaml").optim.max_steps == 6
     record = json.loads((run_dir / "student" / "distil_init.json").read_text())
     assert record["teacher_layers"] == [0, 3] and record["steps"] == 6
-    assert (run_dir / "student" / "README.md").read_text().startswith("# Student distilled from")
+    assert "\n# Student distilled from" in (run_dir / "student" / "README.md").read_text()
 
 
 def test_finished_run_is_not_overwritten(workspace):
@@ -302,3 +308,14 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
     assert count % 4 and results[1]["batches"] == (count + 3) // 4
     for key in ("student_clm", "teacher_clm", "kd", "cos"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-5), key
+
+
+def test_tracker_asked_for_but_missing_is_refused(workspace, monkeypatch):
+    from distil.training import setup
+
+    monkeypatch.setitem(setup.TRACKER_MODULES, "wandb", ("distil_no_such_tracker", "wandb"))
+    with pytest.raises(DistilError, match=r"run.report_to asks for wandb, which is not installed. Install it \(pip install wandb\)"):
+        run(workspace, "bert", "run-tracker", run={"report_to": ["wandb"]})
+    assert not (workspace / "run-tracker").exists()
+    with pytest.raises(DistilError, match="not trackers distil knows"):
+        run(workspace, "bert", "run-tracker", ["run.report_to=tensorbord"])

@@ -65,7 +65,7 @@ def write_recipe(path: Path, teacher_path: Path, data_path: Path, output_dir: Pa
         "loss": {"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
         "optim": {"max_steps": 20, "lr": 3e-3, "warmup_fraction": 0.0},
         "run": {"output_dir": str(output_dir), "log_every": 1, "eval_every": 0, "checkpoint_every": 0,
-                "progress": False, "tensorboard": False},
+                "progress": False, "report_to": []},
     }
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)

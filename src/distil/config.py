@@ -87,7 +87,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"                # auto (continue the run in output_dir if any) | never | a checkpoint directory
     overwrite: bool = False             # start over in an output_dir that holds a finished run
-    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers (accelerate's): tensorboard,
+                                        # wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab; none: []
     progress: bool = True
     fused_head: bool = True             # output layer + logit losses in row chunks (no tokens x vocab tensors)
     collective_timeout_s: int = 1800    # a process waiting longer than this at a collective fails instead of hanging
@@ -201,7 +202,38 @@ def _check_type(section, name: str, kinds: tuple, where: str) -> None:
         raise DistilError(f"Recipe key {where}.{name} must be {expected}, got {value!r}.")
 
 
+ELEMENT_KINDS = {"list[float]": float, "list[int]": int, "list[str]": str}
+
+
+def _check_elements(section, name: str, annotation: str, where: str) -> None:
+    """Elements of list keys are checked like scalar keys (`optim.betas=[a,b]` is refused, `[1, 0.98]` is fine)."""
+    kind = next((k for prefix, k in ELEMENT_KINDS.items() if annotation.startswith(prefix)), None)
+    if kind is None:
+        return
+    values = []
+    for value in getattr(section, name):
+        if kind is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DistilError(f"Recipe key {where}.{name} must be a list of {kind.__name__}s, got {getattr(section, name)!r} "
+                              f"({value!r} is not a {kind.__name__}).")
+        values.append(value)
+    setattr(section, name, values)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+
 def validate(config: TrainConfig) -> None:
+    # `run.report_to=wandb` on the command line, or `report_to: none` in a recipe.
+    if isinstance(config.run.report_to, str):
+        text = config.run.report_to.strip()
+        config.run.report_to = [] if text in ("none", "") else [t.strip() for t in text.split(",") if t.strip()]
     for section_name in ("teacher", "student", "data", "loss", "optim", "run"):
         section = getattr(config, section_name)
         for f in fields(section):
@@ -222,6 +254,8 @@ def validate(config: TrainConfig) -> None:
             if "None" in annotation:
                 kinds = kinds + (type(None),)
             _check_type(section, f.name, kinds, section_name)
+            if kinds[0] is list and isinstance(getattr(section, f.name), list):
+                _check_elements(section, f.name, annotation, section_name)
 
     if not config.teacher.path:
         raise DistilError("The recipe names no teacher. Set teacher.path (a hub id such as bert-base-uncased, or a directory).")
@@ -282,6 +316,10 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"data.batch_size must be at least 1, got {config.data.batch_size}.")
 
     r = config.run
+    unknown = [t for t in r.report_to if t not in TRACKERS]
+    if unknown:
+        raise DistilError(f"run.report_to names {unknown}, which are not trackers distil knows. Use any of "
+                          f"{', '.join(TRACKERS)} (or none).")
     if r.mixed_precision not in ("no", "bf16", "fp16"):
         raise DistilError(f"run.mixed_precision must be no, bf16 or fp16, got {r.mixed_precision!r}.")
     if config.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):

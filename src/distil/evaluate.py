@@ -221,10 +221,26 @@ def evaluate(
         summary["ratios"] = [{"name": m["name"], **r} for m, r in zip(results, table.ratios_to_first(flats))]
         summary["markdown"] = table.results_markdown(summary)
         print(summary["markdown"])
+        _record_in_model_cards(named, flats, summary, task_train is not None)
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(output, summary)
         return summary
+
+
+def _record_in_model_cards(named: list[tuple[str, str]], flats: list[dict], summary: dict, with_task: bool) -> None:
+    """Students made by distil get these results in their model card (model-index), measured against the first
+    model (the teacher). Speed ratios the speed check found untrustworthy are left out."""
+    from distil.model_card import add_evaluation
+
+    doubtful = set((summary.get("speed_check") or {}).get("untrustworthy_ratios") or [])
+    for (name, path), flat, ratios in zip(named[1:], flats[1:], summary["ratios"][1:]):
+        if Path(path).is_dir():
+            kept = {k: v for k, v in ratios.items() if k not in doubtful}
+            data = ((summary.get("settings") or {}).get("data") or "").split(", ")[0] or None
+            if add_evaluation(path, name, flat, kept, named[0][0], "text-classification" if with_task else None,
+                              summary["markdown"], data):
+                log.info("recorded the evaluation of %s in its model card %s", name, Path(path) / "README.md")
 
 
 @contextlib.contextmanager

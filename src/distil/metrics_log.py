@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl for programs, TensorBoard for curves, the log for people.
+"""Where a run's numbers go: metrics.jsonl for programs, trackers (TensorBoard, W&B, MLflow, ...) for curves, the
+log for people.
 
 Only the main process writes. On resume the lines after the resumed step are dropped, so the file
 reads as one uninterrupted run.
@@ -7,10 +8,7 @@ reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 
@@ -30,40 +28,56 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    """metrics.jsonl (always) and the run's trackers (run.report_to, through accelerate: TensorBoard by default).
+
+    Every tracker gets the same names: `train/loss`, `train/loss_ce`, ..., `heldout/student_mlm`, ... (see README).
+    """
+
+    def __init__(self, run_dir: Path, acc, enabled: bool, resume_step: int = 0, project: str = "distil",
+                 hparams: dict | None = None):
         self.enabled = enabled
         self.path = run_dir / METRICS
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step:
+        self.acc = acc
+        if resume_step and enabled:
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        self.file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
-            except ImportError:
-                log.warning("tensorboard is not installed; curves go to metrics.jsonl only.")
+        for tracker in acc.log_with:
+            if getattr(tracker, "name", None) == "tensorboard" and resume_step:
+                tracker.init_kwargs["purge_step"] = resume_step  # a resumed run's curves continue, not overlap
+        if acc.log_with:
+            acc.init_trackers(project, config=_scalars(hparams or {}))
+        if enabled:
+            self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, values: dict) -> None:
+        numbers = {f"{split}/{k}": v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.acc.log_with:
+            self.acc.log(numbers, step=step)
         if not self.enabled:
             return
         row = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
+        if self.acc.log_with:
+            self.acc.end_training()
         if self.enabled:
             self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+
+
+def _scalars(values: dict, prefix: str = "") -> dict:
+    """A recipe as flat `section.key` scalars, which every tracker accepts as hyperparameters."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = "none" if value is None else str(value)
+    return flat
 
 
 def _plain(value):

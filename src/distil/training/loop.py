@@ -124,7 +124,8 @@ def train(config: TrainConfig) -> dict:
     if resume_from is not None and acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
 
-    metrics = MetricsLog(run_dir, is_main, config.run.tensorboard, resume_step=step)
+    metrics = MetricsLog(run_dir, acc, is_main, resume_step=step, project=config.name or run_dir.name,
+                         hparams=config.to_dict())
     if is_main and step == 0:
         _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec)
     generator = torch.Generator(device=device)

@@ -23,7 +23,7 @@ SAFE_TO_CHANGE = frozenset({
     "name", "description",
     "optim.max_steps", "optim.epochs",
     "run.log_every", "run.eval_every", "run.eval_batches", "run.checkpoint_every", "run.keep_checkpoints",
-    "run.tensorboard", "run.progress", "run.collective_timeout_s", "run.resume", "run.overwrite",
+    "run.report_to", "run.progress", "run.collective_timeout_s", "run.resume", "run.overwrite",
 })
 
 

@@ -66,21 +66,18 @@ def save_student(run_dir: Path, config: TrainConfig, models, summary: dict, fina
 
 
 def _model_card(config, models, summary, final_eval) -> str:
-    n_student = sum(p.numel() for p in models.student.parameters())
-    lines = [
-        f"# Student distilled from {config.teacher.path}", "",
-        f"Made with `distil train` ({config.name or 'custom recipe'}): {summary['steps']} optimizer steps, "
-        f"{summary['tokens_seen']:,} tokens, {n_student / 1e6:.1f}M parameters.", "",
-        "Load it with plain transformers:", "", "```python",
-        "from transformers import AutoModel, AutoTokenizer",
-        "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
-        "Losses: " + ", ".join(f"{k}={v}" for k, v in _weights(config).items())
-        + f", temperature {config.loss.temperature}.", "",
-    ]
-    if final_eval:
-        lines += ["Held-out evaluation at the end of training:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final_eval.items()]
-    return "\n".join(lines) + "\n"
+    from distil.data import shards
+    from distil.model_card import student_card
+
+    weights = _weights(config)
+    dataset = shards.read_manifest(config.data.path).get("dataset") or {}
+    return student_card(
+        teacher=config.teacher.path, objective=models.objective,
+        has_lm_head=any(k in weights for k in ("ce", "mlm", "clm", "mse")), weights=weights,
+        temperature=config.loss.temperature, recipe=config.to_dict(), steps=summary["steps"],
+        tokens_seen=summary["tokens_seen"], n_parameters=sum(p.numel() for p in models.student.parameters()),
+        heldout=final_eval, dataset=dataset.get("name") if isinstance(dataset, dict) else None,
+    )
 
 
 def _weights(config: TrainConfig) -> dict[str, float]:

@@ -358,9 +358,34 @@ def make_accelerator(config: TrainConfig):
     # Without a GPU, accelerate only sets up gloo data parallelism (torchrun on CPU) when told cpu=True.
     on_cpu = not torch.cuda.is_available()
     try:
-        return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout], cpu=on_cpu)
+        return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout], cpu=on_cpu,
+                           log_with=trackers(config) or None, project_dir=config.run.output_dir)
     except ValueError as exc:
         raise DistilError(f"Mixed precision {config.run.mixed_precision!r} is not available here: {exc}") from None
+
+
+# The module each tracker of run.report_to needs, and the package that provides it.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                   "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
+                   "comet_ml": ("comet_ml", "comet-ml"), "aim": ("aim", "aim"), "clearml": ("clearml", "clearml"),
+                   "dvclive": ("dvclive", "dvclive"), "swanlab": ("swanlab", "swanlab")}
+
+
+def trackers(config: TrainConfig) -> list:
+    """accelerate trackers for run.report_to; TensorBoard writes to <run>/tensorboard. A tracker that is asked for
+    but not installed is refused before anything starts."""
+    import importlib.util
+
+    from accelerate.tracking import TensorBoardTracker
+
+    chosen = []
+    for name in config.run.report_to:
+        module, package = TRACKER_MODULES[name]
+        if importlib.util.find_spec(module) is None:
+            raise DistilError(f"run.report_to asks for {name}, which is not installed. Install it (pip install "
+                              f"{package}) or leave it out of run.report_to (tensorboard is the default).")
+        chosen.append(TensorBoardTracker("tensorboard", config.run.output_dir) if name == "tensorboard" else name)
+    return chosen
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,147 @@
+"""The distilled student's README.md: a Hugging Face model card with YAML metadata the hub understands.
+
+Metadata: `base_model` (the teacher, when it is a hub id), `library_name`, `pipeline_tag`, `tags` (distillation),
+the teacher's licence when its own card states one, `datasets` when the data came from a named dataset, and
+`model-index` results once `distil evaluate` has measured the student against its teacher. The body says how the
+student was made: the objective in words, the recipe, steps and tokens seen, and the held-out numbers.
+Publishing stays with the hub's own tool (`hf upload`), see the README.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+CARD = "README.md"
+TAGS = ["distillation", "knowledge-distillation", "distil"]
+PIPELINE = {"mlm": "fill-mask", "clm": "text-generation", "hidden": "feature-extraction"}
+# distil evaluate's metrics that go into model-index: (flat key, metric type, name, scale to report)
+INDEX_METRICS = [
+    ("mlm_accuracy", "accuracy", "masked-token accuracy (held-out)", 100.0),
+    ("mlm_loss", "loss", "masked-LM loss (held-out)", 1.0),
+    ("perplexity", "perplexity", "perplexity (held-out)", 1.0),
+    ("next_token_accuracy", "accuracy", "next-token accuracy (held-out)", 100.0),
+    ("hidden_cosine", "cosine_similarity", "hidden-state cosine to the teacher", 1.0),
+    ("task_accuracy", "accuracy", "downstream accuracy after fine-tuning", 100.0),
+    ("task_macro_f1", "f1", "downstream macro-F1 after fine-tuning", 100.0),
+]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(name) and not name.startswith(("python:", ".", "/", "~")) and not Path(name).exists() \
+        and name.count("/") <= 1 and not name.endswith(".gguf")
+
+
+def read_card_metadata(model_dir: str | Path) -> dict:
+    """The YAML front matter of a local model directory's README.md ({} when there is none)."""
+    path = Path(model_dir) / CARD
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def teacher_license(teacher: str) -> str | None:
+    """The licence the teacher's own card states (local directories and python: packages; hub cards when cached)."""
+    from distil.loading import resolve_source
+
+    try:
+        source = resolve_source(teacher)
+    except Exception:  # the teacher was loaded already; a card is never a reason to fail
+        return None
+    if Path(source).is_dir():
+        return read_card_metadata(source).get("license")
+    return None
+
+
+def objective_in_words(objective: str, weights: dict[str, float], temperature: float) -> str:
+    words = {
+        "ce": f"the teacher's softened output distribution (KL at temperature {temperature:g}, scaled by T^2)",
+        "mlm": "masked-language-model cross-entropy on the data",
+        "clm": "next-token cross-entropy on the data",
+        "mse": "the teacher's logits (squared error)",
+        "cos": "the teacher's hidden states (cosine distance)",
+        "hidden_mse": "the teacher's hidden states (mean squared error)",
+    }
+    parts = [f"{words[name]} x {weight:g}" for name, weight in weights.items() if name in words]
+    kind = "masked-LM" if objective == "mlm" else "causal-LM"
+    return f"A {kind} student trained to match " + "; ".join(parts) + "."
+
+
+def render_card(metadata: dict, body: str) -> str:
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---\n\n" + body.rstrip() + "\n"
+
+
+def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: dict[str, float], temperature: float,
+                 recipe: dict, steps: int, tokens_seen: int, n_parameters: int, heldout: dict,
+                 dataset: str | None = None) -> str:
+    """README.md for a student written by `distil train`."""
+    metadata: dict = {}
+    if _looks_like_hub_id(teacher):
+        metadata["base_model"] = teacher
+    metadata["library_name"] = "transformers"
+    metadata["pipeline_tag"] = PIPELINE[objective if has_lm_head else "hidden"]
+    metadata["tags"] = list(TAGS)
+    licence = teacher_license(teacher)
+    if licence:
+        metadata["license"] = licence
+    if dataset:
+        metadata["datasets"] = [dataset]
+    lines = [
+        f"# Student distilled from {teacher}", "",
+        f"Made with distil's `distil train` ({recipe.get('name') or 'custom recipe'}):"
+        f" {steps:,} optimizer steps, {tokens_seen:,} tokens seen, {n_parameters / 1e6:.1f}M parameters.", "",
+        objective_in_words(objective, weights, temperature), "",
+        "Load it with plain transformers:", "", "```python",
+        "from transformers import AutoModel, AutoTokenizer",
+        "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+    ]
+    if heldout:
+        lines += ["## Held-out evaluation at the end of training", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in heldout.items()]
+        lines.append("")
+    lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```"]
+    return render_card(metadata, "\n".join(lines))
+
+
+def add_evaluation(model_dir: str | Path, name: str, flat: dict, ratios: dict, teacher_name: str, task: str | None,
+                   markdown: str, data: str | None = None) -> bool:
+    """Put `distil evaluate`'s results for a distil-made student into its card (model-index and a section).
+    Returns whether the card was updated (cards not written by distil are left alone)."""
+    path = Path(model_dir) / CARD
+    metadata = read_card_metadata(model_dir)
+    if "distil" not in (metadata.get("tags") or []):
+        return False
+    text = path.read_text(encoding="utf-8")
+    body = text[text.find("\n---", 3) + 4:].lstrip("\n")
+    marker = "## Evaluation (distil evaluate)"
+    if marker in body:
+        body = body[: body.index(marker)].rstrip() + "\n"
+    metrics = [{"type": kind, "name": label, "value": round(float(flat[key]) * scale, 4)}
+               for key, kind, label, scale in INDEX_METRICS if flat.get(key) is not None]
+    for key, label in (("latency_ms_cpu", "CPU speed-up over the teacher (batch 1)"),
+                       ("latency_ms_cuda", "GPU speed-up over the teacher (batch 1)")):
+        if ratios.get(key) is not None:
+            metrics.append({"type": "speedup", "name": label, "value": round(float(ratios[key]), 3)})
+    if metrics:
+        metadata["model-index"] = [{"name": name, "results": [{
+            "task": {"type": task or metadata.get("pipeline_tag", "fill-mask"),
+                     "name": "distillation retention" if task else "language modelling"},
+            "dataset": {"type": "custom", "name": Path(data).name if data else "held-out text"},
+            "metrics": metrics,
+        }]}]
+    section = [marker, "", f"Measured against the teacher ({teacher_name}) by `distil evaluate`:", "", markdown.strip()]
+    path.write_text(render_card(metadata, body.rstrip() + "\n\n" + "\n".join(section)), encoding="utf-8")
+    return True
