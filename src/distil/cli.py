@@ -233,13 +233,11 @@ def _apply_task_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) 
     args, _ = parser.parse_known_args(argv)
     if getattr(args, "command", None) != "task" or not getattr(args, "recipe", None):
         return None
-    import yaml
-    from pathlib import Path
+    from distil.config import read_recipe_file
 
-    path = Path(args.recipe)
-    if not path.exists():
-        raise DistilError(f"The task recipe {path} does not exist. Task recipes live in recipes/tasks/.")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    path = args.recipe
+    values = read_recipe_file(path, "task recipe", "Task recipes live in recipes/tasks/.",
+                              "a mapping of option names to values")
     task_parser = parser._task_parser  # type: ignore[attr-defined]
     known = {a.dest for a in task_parser._actions}
     unknown = [k for k in values if k.replace("-", "_") not in known]

@@ -149,19 +149,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_recipe_file(recipe: str | Path, what: str, where: str, shape: str) -> dict:
+    """A YAML file's top-level mapping, or a one-paragraph DistilError that says what is wrong with the file."""
+    path = Path(recipe)
+    if not path.exists():
+        raise DistilError(f"The {what} {path} does not exist. {where}")
+    if path.is_dir():
+        raise DistilError(f"The {what} {path} is a directory, not a YAML file. {where}")
+    try:
+        raw = path.read_bytes()
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        values = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise DistilError(f"The {what} {path} is not a text file (it looks binary). {where}") from None
+    except OSError as exc:
+        raise DistilError(f"The {what} {path} cannot be read: {exc.strerror}.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DistilError(f"The {what} {path} is not valid YAML{at}: {problem}. Fix the file there.") from None
+    if not isinstance(values, dict):
+        raise DistilError(f"The {what} {path} must be {shape}, not {type(values).__name__}.")
+    return values
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML recipe, apply `a.b=value` overrides, validate, and return the TrainConfig."""
     config = TrainConfig()
     if recipe is not None:
-        path = Path(recipe)
-        if not path.exists():
-            raise DistilError(f"The recipe {path} does not exist. Recipes live in recipes/*.yaml; pass one of them or your own.")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise DistilError(f"The recipe {path} is not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise DistilError(f"The recipe {path} must be a mapping of sections (teacher, student, data, loss, optim, run).")
+        values = read_recipe_file(recipe, "recipe", "Recipes live in recipes/*.yaml; pass one of them or your own.",
+                                  "a mapping of sections (teacher, student, data, loss, optim, run)")
         _set_fields(config, values, "")
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -316,6 +335,9 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"data.batch_size must be at least 1, got {config.data.batch_size}.")
 
     r = config.run
+    if Path(r.output_dir).exists() and not Path(r.output_dir).is_dir():
+        raise DistilError(f"run.output_dir {r.output_dir} is an existing file, not a directory. Choose another "
+                          "run.output_dir (a new or a run directory).")
     unknown = [t for t in r.report_to if t not in TRACKERS]
     if unknown:
         raise DistilError(f"run.report_to names {unknown}, which are not trackers distil knows. Use any of "

@@ -30,9 +30,9 @@ from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
 from distil.training.recipe_changes import check_resume_recipe
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student
-from distil.training.setup import (build_masker, build_optimizer, build_scheduler, discarded_on_error,
-                                   freeze_embeddings, fused_projections, keep_student_init, layer_pairs, load_models,
-                                   make_accelerator, seed_everything, student_source)
+from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
+                                   discarded_on_error, freeze_embeddings, fused_projections, keep_student_init,
+                                   layer_pairs, load_models, make_accelerator, seed_everything, student_source)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def train(config: TrainConfig) -> dict:
     student_dir, student_init = student_source(config, run_dir, is_main, acc.wait_for_everyone)
     with discarded_on_error(student_init if is_main else None):
         models = load_models(config, student_dir, device)
+        check_positions(models, max(int(train_data.lengths.max()), int(heldout.lengths.max()) if heldout else 0),
+                        config)
         pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
         spec = term_spec_from(config, models.objective, pairs)
         vocab_size = models.student.get_input_embeddings().num_embeddings

@@ -275,6 +275,27 @@ def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> No
         )
 
 
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many positions a model with a learned position table can take (None: rotary or relative positions,
+    which have no hard limit). RoBERTa's table starts after its padding index, so it holds two fewer."""
+    for name, module in model.named_modules():
+        if name.endswith(("position_embeddings", "wpe")) and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+    return None
+
+
+def check_positions(models: Models, longest: int, config: TrainConfig) -> None:
+    """Sequences longer than a model's position table fail inside the first forward; say so before it."""
+    for who, model in (("teacher", models.teacher), ("student", models.student)):
+        limit = learned_position_limit(model)
+        if limit is not None and longest > limit:
+            raise DistilError(
+                f"The data in {config.data.path} holds sequences of up to {longest} tokens, but the {who} has "
+                f"positions for {limit}. Set data.max_length={limit} (sequences are shortened inside their framing), "
+                f"or prepare the data again with --max-length {limit}."
+            )
+
+
 def layer_pairs(config: TrainConfig, student_config, teacher_config, init_record: dict | None) -> list[tuple[int, int]]:
     """Pairs of hidden-state indices (0 = embeddings, i = output of layer i) compared by hidden losses."""
     n_s, n_t = int(student_config.num_hidden_layers), int(teacher_config.num_hidden_layers)
