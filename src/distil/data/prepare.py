@@ -22,7 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distil.data import shards
-from distil.data.textfiles import ReadStats, check_input_files, input_size, iter_lines
+from distil.data.sources import plan_sources, source_summary
+from distil.data.textfiles import ReadStats
 from distil.errors import DistilError
 from distil.outputs import atomic_output_dir, write_json_atomic
 
@@ -224,9 +225,9 @@ def _apply_thread_count(threads: int | None) -> None:
 
 
 def prepare(
-    inputs: list[str],
-    tokenizer: str,
-    output_dir: str,
+    inputs: list[str] | None = None,
+    tokenizer: str | None = None,
+    output_dir: str | None = None,
     heldout_fraction: float = 0.0,
     heldout_files: list[str] | None = None,
     max_length: int | None = None,
@@ -239,8 +240,17 @@ def prepare(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    heldout_split: str | None = None,
+    mix: list[str] | None = None,
 ) -> dict:
-    """Tokenize `inputs` into `output_dir`; returns the manifest (also written as manifest.json)."""
+    """Tokenize `inputs` (text files), a `dataset` or a weighted `mix` of sources (see distil.data.sources) into
+    `output_dir`; returns the manifest (also written as manifest.json)."""
+    if tokenizer is None or output_dir is None:
+        raise TypeError("prepare() needs tokenizer and output_dir")
     from distil.loading import load_tokenizer
 
     heldout_files = list(heldout_files or [])
@@ -252,8 +262,9 @@ def prepare(
         raise DistilError(f"--max-unk-fraction must be in (0, 1], got {max_unk_fraction}.")
     if batch_size < 1:
         raise DistilError(f"--batch-size must be at least 1, got {batch_size}.")
-    train_paths = check_input_files(inputs)
-    heldout_paths = check_input_files(heldout_files) if heldout_files else []
+    plan = plan_sources(inputs, heldout_files, heldout_fraction, dataset=dataset, dataset_config=dataset_config,
+                        split=split, streaming=streaming, heldout_split=heldout_split, mix=mix, text_field=text_field,
+                        skip_bad_lines=skip_bad_lines, seed=seed)
     _apply_thread_count(threads)
 
     tok = load_tokenizer(tokenizer)
@@ -269,35 +280,34 @@ def prepare(
     started = time.perf_counter()
     read_stats = ReadStats()
     cleaning = CleaningStats()
-    total_bytes = input_size(train_paths + heldout_paths)
     rng = np.random.default_rng(seed)
 
     def encode(batch: list[str]) -> list[list[int]]:
         return [enc.ids for enc in encoder.encode_batch(batch, add_special_tokens=False)]
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="prepare") as tmp:
         writers = {
             "train": SplitWriter(tmp, "train", dtype, vocab_size, count_tokens=True),
             "heldout": SplitWriter(tmp, "heldout", dtype, vocab_size, count_tokens=False),
         }
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
-        sources = [("train", p) for p in train_paths] + [("heldout", p) for p in heldout_paths]
+        bar = tqdm(total=plan.progress_total, unit=plan.progress_unit, unit_scale=True, desc="prepare",
+                   disable=not progress, smoothing=0.1)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for split, path in sources:
-                lines = iter_lines(path, read_stats, text_field=text_field, skip_bad_lines=skip_bad_lines)
+            for source in plan.sources:
+                lines = source.lines(read_stats)
                 pending = None
                 # Pipeline: the Rust tokenizer encodes batch k+1 (GIL released) while numpy frames batch k.
                 for batch in _batches(lines, batch_size):
                     future = pool.submit(encode, batch)
                     if pending is not None:
-                        _write_batch(pending.result(), split, writers, framing, max_length, min_length, unk_id,
+                        _write_batch(pending.result(), source.split, writers, framing, max_length, min_length, unk_id,
                                      max_unk_fraction, heldout_fraction, rng, cleaning)
                     pending = future
-                    bar.update(read_stats.bytes_done - bar.n)
+                    bar.update(plan.position(read_stats) - bar.n)
                 if pending is not None:
-                    _write_batch(pending.result(), split, writers, framing, max_length, min_length, unk_id,
+                    _write_batch(pending.result(), source.split, writers, framing, max_length, min_length, unk_id,
                                  max_unk_fraction, heldout_fraction, rng, cleaning)
-                bar.update(read_stats.bytes_done - bar.n)
+                bar.update(plan.position(read_stats) - bar.n)
         bar.close()
         split_stats = {name: w.close() for name, w in writers.items()}
         if split_stats["train"]["sequences"] == 0:
@@ -325,11 +335,12 @@ def prepare(
             "max_length": max_length,
             "min_length": min_length,
             "max_unk_fraction": max_unk_fraction,
-            "heldout": {"fraction": heldout_fraction, "files": [str(p) for p in heldout_paths], "seed": seed},
-            "inputs": [str(p) for p in train_paths],
+            "heldout": plan.heldout_manifest(heldout_fraction, seed),
+            "inputs": plan.inputs,
             "lines": {"read": read_stats.lines, "empty": read_stats.empty, "bad_skipped": read_stats.bad},
             "cleaning": vars(cleaning),
             "splits": split_stats,
+            **plan.extra_manifest(),
         }
         write_json_atomic(tmp / shards.MANIFEST, manifest)
     elapsed = time.perf_counter() - started
@@ -364,6 +375,7 @@ def _report(manifest: dict, read_stats: ReadStats, elapsed: float, output_dir: s
         if info["sequences"]:
             lines.append(f"  {split}: {info['sequences']:,} sequences, {info['tokens']:,} tokens, "
                          f"mean length {info['length_mean']}, max {info['length_max']}")
+    lines.extend(source_summary(manifest))
     for example in read_stats.bad_examples:
         lines.append(f"  skipped: {example}")
     print("\n".join(lines))

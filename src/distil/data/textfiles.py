@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -42,8 +43,12 @@ def check_input_files(paths: list[str]) -> list[Path]:
         with _open_binary(path) as fh:
             try:
                 head = fh.read(8192)
-            except (OSError, EOFError) as exc:
-                raise DistilError(f"The input file {path} cannot be read ({exc}). A .gz file must be a complete gzip file.") from None
+            except GZIP_DAMAGE as exc:
+                raise damaged_gzip_error(path, _lines_before_damage(path), exc) from None
+            except OSError as exc:
+                raise DistilError(
+                    f"The input file {path} cannot be read ({exc}). Check its permissions and the disk."
+                ) from None
         if b"\x00" in head:
             raise DistilError(
                 f"The input file {path} looks binary (it contains NUL bytes), not text. "
@@ -82,11 +87,20 @@ def iter_lines(path: Path, stats: ReadStats, text_field: str = "text", skip_bad_
     with open(path, "rb") as raw:
         fh = gzip.open(raw, "rb") if path.suffix == ".gz" else raw
         position = _RawPosition(raw)
-        start_bytes = stats.bytes_done
-        for lineno, line in enumerate(fh, start=1):
+        counted = 0  # bytes of this file already in stats.bytes_done (added as deltas: sources may be interleaved)
+        lineno = 0
+        lines = enumerate(fh, start=1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                break
+            except GZIP_DAMAGE as exc:
+                raise damaged_gzip_error(path, lineno, exc) from None
             stats.lines += 1
             if lineno % 4096 == 0:
-                stats.bytes_done = start_bytes + position()
+                stats.bytes_done += position() - counted
+                counted = position()
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -106,7 +120,7 @@ def iter_lines(path: Path, stats: ReadStats, text_field: str = "text", skip_bad_
                 stats.empty += 1
                 continue
             yield text
-        stats.bytes_done = start_bytes + position()
+        stats.bytes_done += position() - counted
 
 
 def _json_text(line: str, path: Path, lineno: int, text_field: str, stats: ReadStats, skip: bool) -> str | None:
@@ -128,6 +142,37 @@ def _json_text(line: str, path: Path, lineno: int, text_field: str, stats: ReadS
         _bad_line(stats, skip, path, lineno, f"has a non-string {text_field!r} field", "Fix the line, or")
         return None
     return value
+
+
+GZIP_DAMAGE = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def damaged_gzip_error(path: Path, lines_read: int, exc: BaseException) -> DistilError:
+    """One paragraph for a .gz file that is cut short or corrupted, saying how far reading got."""
+    text = str(exc)
+    if isinstance(exc, EOFError):
+        problem = "it ends before its compressed data does (a truncated file: an interrupted download or copy?)"
+    elif "CRC check failed" in text:
+        problem = "its CRC checksum does not match its content (the data is corrupted)"
+    elif "Not a gzipped file" in text:
+        problem = "it is not gzip data (a wrong .gz extension?)"
+    else:
+        problem = f"its compressed data is damaged ({text})"
+    return DistilError(
+        f"The input file {path} is damaged: {problem}; reading stopped after line {lines_read:,}. Nothing was "
+        f"written. Get an intact copy (`gzip -t {path}` checks one), or leave the file out of the inputs."
+    )
+
+
+def _lines_before_damage(path: Path) -> int:
+    lines = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            for _ in fh:
+                lines += 1
+    except GZIP_DAMAGE:
+        pass
+    return lines
 
 
 def _bad_line(stats: ReadStats, skip: bool, path: Path, lineno: int, problem: str, remedy: str) -> None:
