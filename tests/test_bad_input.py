@@ -69,3 +69,50 @@ def test_bad_input_data_longer_than_the_models_positions(tmp_path):
                    "data.max_length=64")
     assert not (tmp_path / "run").exists()
     assert (long / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("command", ["prepare", "init-student", "train", "evaluate", "report"])
+def test_bad_input_output_directory_not_writable(tmp_path, monkeypatch, capsys, command):
+    """A read-only place (simulated: these tests run as root, whom permissions do not stop) is refused before
+    any work, naming the directory."""
+    import os
+
+    from distil.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    teacher = teacher_dir(tmp_path, "bert")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(" ".join(f"w{k}" for k in range(i, i + 15)) for i in range(20)) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, tmp_path / "data", locked / "run")
+    if command == "train":
+        assert main(["prepare", str(text), "--tokenizer", str(teacher), "--output-dir", str(tmp_path / "data")]) == 0
+    argv = {
+        "prepare": ["prepare", str(text), "--tokenizer", str(teacher), "--output-dir", str(locked / "data")],
+        "init-student": ["init-student", str(teacher), "--output-dir", str(locked / "student"), "--num-layers", "1"],
+        "train": ["train", str(recipe)],
+        "evaluate": ["evaluate", f"teacher={teacher}", "--output", str(locked / "eval.json"), "--no-speed"],
+        "report": ["report", str(tmp_path), "--output-dir", str(locked / "report")],
+    }[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{locked}, where it would be created, is not writable" in err, err
+    assert list(locked.iterdir()) == []
+
+
+def test_weights_keep_the_users_umask(tmp_path):
+    """safetensors writes weights as 0600; a student directory's files are all readable as the umask says."""
+    import os
+
+    from distil.student import init_student
+
+    mask = os.umask(0o022)
+    try:
+        init_student(str(teacher_dir(tmp_path, "bert")), str(tmp_path / "student"), layers=None, num_layers=1)
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "student").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

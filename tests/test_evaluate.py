@@ -263,6 +263,45 @@ def test_downstream_retention_fine_tunes_every_model_per_seed(zoo, tmp_path):
     assert result["ratios"][1]["task_accuracy"] == pytest.approx(second / first)
 
 
+def test_evaluate_overwrite_keeps_a_file_it_did_not_write(zoo, tmp_path):
+    import subprocess
+    import sys
+
+    output = tmp_path / "results.json"
+    mine = b'{"my": "own results, kept for the paper"}\n'
+    output.write_bytes(mine)
+    with pytest.raises(DistilError, match="not a result of distil evaluate"):
+        evaluate([zoo.teacher], speed_test=False, output=str(output), overwrite=True)
+    assert output.read_bytes() == mine
+    # A result distil evaluate wrote is replaced; the temporary file of a killed earlier run goes with it.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".results.json.tmp-{child.pid}"
+    stale.write_text('{"half": ')
+    first = evaluate([zoo.teacher], speed_test=False, output=str(tmp_path / "first.json"))
+    (tmp_path / "first.json").replace(output)
+    second = evaluate([f"again={zoo.teacher}"], speed_test=False, output=str(output), overwrite=True)
+    assert json.loads(output.read_text())["models"][0]["name"] == "again" == second["models"][0]["name"]
+    assert first["models"][0]["size"] == second["models"][0]["size"] and not stale.exists()
+
+
+def test_evaluate_task_output_dir_overwrite_keeps_user_files(zoo, tmp_path):
+    """Each fine-tune replaces its folder under --task-output-dir, but never one that distil did not write."""
+    rows = ["text,label"] + [f"{line},{'yes' if 'w1 ' in line else 'no'}" for line in _lines(8, 3)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    kept = tmp_path / "kept"
+    folder = kept / "01-student" / "seed-42"
+    folder.mkdir(parents=True)
+    (folder / "my_thesis.txt").write_bytes(b"three years of work\n")
+    with pytest.raises(DistilError, match=r"--task-output-dir would delete .*seed-42 is not an output of distil"):
+        evaluate([f"teacher={zoo.teacher}", f"student={zoo.student}"], speed_test=False,
+                 task_train=str(tmp_path / "train.csv"), task_eval=str(tmp_path / "train.csv"), task_epochs=1,
+                 task_batch_size=8, task_max_length=32, task_output_dir=str(kept), progress=False)
+    assert [p.relative_to(kept).as_posix() for p in sorted(kept.rglob("*"))] == [
+        "01-student", "01-student/seed-42", "01-student/seed-42/my_thesis.txt"]
+    assert (folder / "my_thesis.txt").read_bytes() == b"three years of work\n"
+
+
 def test_spread_and_ratio_arithmetic():
     two = retention.spread([0.5, 0.7])
     assert (two["mean"], two["std"]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))

@@ -74,7 +74,7 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert "| task accuracy, std over seeds (points) | 1.00 | 1.00 |" in summary
     for name in expected:
         assert f"]({name})" in summary
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["summary.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["summary.md", ".distil-output.json"])
 
 
 def test_plotted_series_are_the_logged_numbers(tmp_path):
@@ -134,3 +134,23 @@ def test_bad_input_gives_distil_error(tmp_path, case, message):
         evaluation.write_text(json.dumps({"models": []}))
     with pytest.raises(DistilError, match=message):
         report(run_dirs, str(tmp_path / "out"), evaluation=str(evaluation) if evaluation else None)
+
+
+def test_report_overwrite_keeps_files_it_did_not_write(tmp_path):
+    run = _run(tmp_path, "run", 1.0)
+    out = tmp_path / "slides"
+    out.mkdir()
+    (out / "talk.md").write_text("# My talk\n")
+    (out / "figure.png").write_bytes(PNG_SIGNATURE + b"mine")
+    with pytest.raises(DistilError, match=r"--overwrite would delete .*\(figure\.png, talk\.md\)"):
+        report([str(run)], str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["figure.png", "talk.md"]
+    assert (out / "talk.md").read_text() == "# My talk\n" and (out / "figure.png").read_bytes() == PNG_SIGNATURE + b"mine"
+    assert not any(p.name.startswith(".slides") for p in tmp_path.iterdir())
+    # A report distil wrote, also one from before the marker (known by its summary.md), is replaced.
+    report([str(run)], str(tmp_path / "report"))
+    (tmp_path / "report" / ".distil-output.json").unlink()
+    (tmp_path / "report" / "learning_rate.png").write_bytes(b"stale plot")
+    report([str(run)], str(tmp_path / "report"), evaluation=str(_evaluation(tmp_path / "eval.json")), overwrite=True)
+    assert _png_size(tmp_path / "report" / "learning_rate.png")[0] >= 400
+    assert "eval_quality.png" in [p.name for p in (tmp_path / "report").iterdir()]

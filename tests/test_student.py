@@ -279,7 +279,7 @@ def test_teacher_without_tokenizer_still_gives_a_student(tmp_path, caplog):
     teacher_dir = _save_teacher(tiny_llama(), tmp_path / "t", with_tokenizer=False)
     with caplog.at_level(logging.WARNING, logger="distil.student"):
         init_student(teacher_dir, str(tmp_path / "s"), None, None)
-    assert "No tokenizer saved" in caplog.text
+    assert "has no tokenizer, so the student" in caplog.text
     assert (tmp_path / "s" / "model.safetensors").exists()
 
 
@@ -353,8 +353,16 @@ def test_existing_output_is_kept_without_overwrite(bert_dir, tmp_path):
         init_student(bert_dir, str(out), None, 2)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and _no_leftovers(out)
 
-    init_student(bert_dir, str(out), None, 2, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "distil_init.json").exists() and _no_leftovers(out)
+    # keep.txt is the user's, not a student distil wrote: --overwrite refuses too, rather than delete it.
+    with pytest.raises(DistilError, match=r"--overwrite would delete .*not an output of distil \(keep\.txt\)"):
+        init_student(bert_dir, str(out), None, 2, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier result"
+    assert _no_leftovers(out)
+
+    student = tmp_path / "student-2"
+    init_student(bert_dir, str(student), [0, 1], None)
+    init_student(bert_dir, str(student), [1, 3], None, overwrite=True)
+    assert json.loads((student / "distil_init.json").read_text())["teacher_layers"] == [1, 3] and _no_leftovers(student)
 
 
 def test_output_over_the_teacher_is_refused(bert_dir):
@@ -418,3 +426,19 @@ def test_real_minilm_teacher_gives_exact_three_layer_distilbert(tmp_path, caplog
     assert len(got) == len(expected) == 4
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+def test_bad_input_teacher_without_tokenizer_is_said_and_tokenizer_option_fills_it(tmp_path, caplog):
+    from distil.student import init_student
+    from tiny_models import tiny_bert
+    from train_fixtures import teacher_dir
+
+    bare = tmp_path / "bare-teacher"
+    tiny_bert(num_layers=2).save_pretrained(bare)
+    with caplog.at_level("WARNING", logger="distil.student"):
+        init_student(str(bare), str(tmp_path / "s1"), layers=None, num_layers=1)
+    assert "has no tokenizer, so the student" in caplog.text and "--tokenizer NAME_OR_DIR" in caplog.text
+    assert not (tmp_path / "s1" / "tokenizer.json").exists()
+    with_tokenizer = teacher_dir(tmp_path, "bert")
+    init_student(str(bare), str(tmp_path / "s2"), layers=None, num_layers=1, tokenizer=str(with_tokenizer))
+    assert (tmp_path / "s2" / "tokenizer.json").exists()

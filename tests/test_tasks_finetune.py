@@ -211,6 +211,28 @@ def test_finished_output_is_refused_before_training(bases, tmp_path, small_class
         run_task("classification", bases["student_base"], small_classification, small_classification, tmp_path / "o")
 
 
+def test_overwrite_keeps_files_distil_did_not_write(bases, tmp_path, small_classification):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "my_thesis.txt").write_bytes(b"three years of work\n")
+    (out / "eval_results.json").write_text('{"mine": true}')  # a name distil uses is not enough to be distil's
+    with pytest.raises(DistilError, match=r"--overwrite would delete .*\(eval_results\.json, my_thesis\.txt\)"):
+        run_task("classification", bases["student_base"], small_classification, small_classification, out,
+                 overwrite=True, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["eval_results.json", "my_thesis.txt"]
+    assert (out / "my_thesis.txt").read_bytes() == b"three years of work\n"
+    assert (out / "eval_results.json").read_text() == '{"mine": true}'
+
+    kwargs = dict(FAST, epochs=1, max_steps=2)
+    done = tmp_path / "done"
+    run_task("classification", bases["student_base"], small_classification, small_classification, done, **kwargs)
+    assert json.loads((done / ".distil-output.json").read_text())["command"] == "task"
+    again = run_task("classification", bases["student_base"], small_classification, small_classification, done,
+                     overwrite=True, **dict(kwargs, max_steps=1))
+    assert json.loads((done / "eval_results.json").read_text()) == again
+    assert json.loads((done / "task_config.json").read_text())["max_steps"] == 1
+
+
 def test_tokenizers_must_match():
     words = VOCAB.read_text(encoding="utf-8").split()
     check_same_tokenizer(make_tokenizer(), make_tokenizer(), "s", "t")

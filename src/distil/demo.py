@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from distil.errors import DistilError
-from distil.outputs import check_output_dir
+from distil.outputs import check_output_dir, foreign_entries, output_command, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,17 @@ def repository_root() -> Path:
     )
 
 
+FINISHED = "report"  # the last thing the demo writes: a tree without it is an unfinished demo, to be resumed
+
+
+def _unfinished_demo(out: Path) -> bool:
+    return out.is_dir() and output_command(out) == "demo" and not foreign_entries(out) and not (out / FINISHED).exists()
+
+
 def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: int | None = None) -> dict:
+    """The whole pipeline. A demo stopped part-way (Ctrl-C) is resumed by the same command, --overwrite or not;
+    a finished one is replaced only with --overwrite. Returns the summaries, with "stopped_early" when training
+    was stopped by a signal (the checkpoint is saved)."""
     from distil.config import load_config
     from distil.data.prepare import prepare
     from distil.training.loop import train
@@ -38,24 +48,40 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
 
     root = repository_root()
     out = Path(output_dir)
-    check_output_dir(out, overwrite)
-    if out.exists() and overwrite:
-        import shutil
+    resuming = _unfinished_demo(out)
+    if resuming:
+        print(f"Resuming the unfinished demo in {out} (finished steps are kept).")
+    else:
+        check_output_dir(out, overwrite)  # with --overwrite it refuses anything in `out` that distil did not write
+        if out.exists() and overwrite:
+            import shutil
 
-        shutil.rmtree(out)
+            shutil.rmtree(out)
+        write_marker(out, "demo")  # a later run then knows this tree, even half-finished, as distil's
     started = time.perf_counter()
 
     print("== 1/4 prepare: tokenizing the shipped Austen novels with the teacher's tokenizer")
     data_dir = out / "data"
-    prepare([str(root / "data/demo/train.txt.gz")], TEACHER, str(data_dir),
-            heldout_files=[str(root / "data/demo/heldout.txt.gz")], max_length=128)
+    if (data_dir / "manifest.json").exists():
+        print(f"already prepared in {data_dir}")
+    else:
+        prepare([str(root / "data/demo/train.txt.gz")], TEACHER, str(data_dir),
+                heldout_files=[str(root / "data/demo/heldout.txt.gz")], max_length=128)
 
     print("\n== 2/4 init-student + train: 3 of the teacher's 6 layers, distilled from its hidden states")
     overrides = [f"data.path={data_dir}", f"run.output_dir={out / 'run'}"]
     if steps is not None:
         overrides.append(f"optim.max_steps={steps}")
     config = load_config(root / "recipes/minilm-l3-demo.yaml", overrides)
-    summary = train(config)
+    if (out / "run" / "student" / "config.json").exists():
+        print(f"already trained: {out / 'run' / 'student'}")
+        summary = {"run_dir": str(out / "run"), "stopped_early": False, "reused": True}
+    else:
+        summary = train(config)
+    if summary["stopped_early"]:
+        print(f"\nDemo stopped during training ({summary['stopped_by']}, step {summary['steps']} of "
+              f"{summary['total_steps']}; the checkpoint is saved). Run the same command again to resume.")
+        return {"train": summary, "stopped_early": True}
 
     print("\n== 3/4 evaluate: teacher vs the student before and after distillation")
     results = evaluate(
@@ -73,4 +99,4 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
     minutes = (time.perf_counter() - started) / 60
     print(f"\nDemo finished in {minutes:.1f} min. The distilled student is a plain transformers directory:\n"
           f"  from transformers import AutoModel; AutoModel.from_pretrained('{out / 'run' / 'student'}')")
-    return {"train": summary, "evaluation": results}
+    return {"train": summary, "evaluation": results, "stopped_early": False}

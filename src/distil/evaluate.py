@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from distil.errors import DistilError
 from distil.evaluation import lm_quality, retention, speed, table
 from distil.loading import check_exists, load_tokenizer
-from distil.outputs import write_json_atomic
+from distil.outputs import check_output_dir, check_writable, remove_stale_leftovers, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,34 @@ def _check_output(output: str | None, overwrite: bool) -> None:
         raise DistilError(f"The output {path} is a directory. Give a file name such as results.json.")
     if path.exists() and not overwrite:
         raise DistilError(f"{path} already exists. Nothing was changed. Pass --overwrite to replace it, or choose another file.")
+    if path.exists() and not _written_by_evaluate(path):
+        raise DistilError(
+            f"--overwrite would replace {path}, which is not a result of distil evaluate (a JSON object with settings, "
+            "models and markdown). Nothing was changed; --overwrite only replaces distil's own results. Give another "
+            "--output file, or move that file away yourself and run again."
+        )
+    check_writable(path)
+    remove_stale_leftovers(path)
+
+
+def _written_by_evaluate(path: Path) -> bool:
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(written, dict) and isinstance(written.get("settings"), dict)
+            and isinstance(written.get("models"), list) and isinstance(written.get("markdown"), str))
+
+
+def _check_task_output_dir(task_output_dir: str | None, named: list[tuple[str, str]], seeds: list[int]) -> None:
+    """Each fine-tune replaces its folder under --task-output-dir; refuse now, not after the LM evaluation, when
+    one of them holds anything distil did not write."""
+    if task_output_dir is None:
+        return
+    for index, (name, _path) in enumerate(named):
+        for seed in seeds:
+            check_output_dir(Path(task_output_dir) / retention._folder_name(index, name) / f"seed-{seed}", overwrite=True,
+                             flag="--task-output-dir")
 
 
 def evaluate(
@@ -123,6 +152,8 @@ def evaluate(
         raise DistilError("Give both --task-train and --task-eval (labelled .csv / .jsonl files), or neither.")
     if seeds < 1:
         raise DistilError(f"--seeds must be at least 1, got {seeds}.")
+    if task_train:
+        _check_task_output_dir(task_output_dir, named, [first_seed + i for i in range(seeds)])
     if reference and not data:
         raise DistilError("--reference compares hidden states on held-out text; give the text with --data.")
     if not 0 < mlm_probability < 1:

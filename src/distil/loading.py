@@ -15,6 +15,8 @@ from distil.errors import DistilError
 
 
 PACKAGE_PREFIX = "python:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def resolve_source(name_or_path: str) -> str:
@@ -106,6 +108,12 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     check_exists(name_or_path, "tokenizer")
     source, gguf_file = split_gguf(resolve_source(name_or_path), gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    # transformers builds an empty tokenizer (special tokens only) from a model directory without tokenizer files.
+    if gguf_file is None and Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise DistilError(
+            f"{name_or_path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...). Point to the "
+            "directory or hub id of the tokenizer that belongs to the model."
+        )
     try:
         tokenizer = _tokenizer_class(source, gguf_file).from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:

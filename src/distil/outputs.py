@@ -1,60 +1,295 @@
-"""Writing results so that nothing finished is lost and nothing half-written is left behind.
+"""Writing results so that nothing finished is lost, nothing half-written is left behind, and nothing of the user's
+is ever deleted.
 
-Every command that produces a directory writes it under a temporary sibling name and renames it
-into place only when complete. A directory that already holds a finished result is refused unless
-the user passes --overwrite; a leftover temporary directory from a crashed run is cleaned up.
+Every command that produces a directory writes it under a temporary sibling name and renames it into place only
+when complete. A directory that already holds a finished result is refused unless the user passes --overwrite, and
+--overwrite replaces only what distil wrote: a directory that distil cannot recognise as its own output is refused
+even then. distil's outputs carry a small marker file (MARKER, written into the temporary directory before the
+rename); outputs of older versions are recognised by the files each command has always written (LEGACY_MARKERS, a
+run directory's layout, a demo tree). Temporary and half-replaced directories left by a process that was killed
+(`.NAME.tmp-PID`, `.NAME.old-PID`) are removed by the next run that writes NAME.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from distil import __version__
 from distil.errors import DistilError
 
+log = logging.getLogger(__name__)
 
-def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an output directory that already has content, unless overwriting is allowed."""
+MARKER = ".distil-output.json"
+# The file each command has always written into its output, for outputs made before MARKER existed.
+LEGACY_MARKERS = {"manifest.json": "prepare", "distil_init.json": "init-student", "task_config.json": "task"}
+REPORT_SUMMARY, REPORT_TITLE = "summary.md", "# distil report"
+# What `distil train` writes into run.output_dir. The run directory is built up step by step, so it has no MARKER:
+# one of RUN_SIGNATURE, or a student directory distil wrote, says it is a run (a recipe.yaml alone does not: the
+# user may keep their own recipe there).
+RUN_ENTRIES = frozenset({"recipe.yaml", "metrics.jsonl", "checkpoints", "student", "student-init", "tensorboard"})
+RUN_SIGNATURE = ("metrics.jsonl", "checkpoints")
+# What `distil demo` writes into its output directory: each directory there is itself a distil output.
+DEMO_DIRS = frozenset({"data", "run", "report"})
+DEMO_FILES = frozenset({"evaluation.json"})
+SHOWN_NAMES = 5
+
+# `.NAME.tmp-PID`, `.NAME.old-PID`, `.NAME.tmp` (and `..NAME.tmp.tmp-PID`, a temporary of a temporary)
+_LEFTOVER = re.compile(r"\.+(?P<name>.+?)\.(?:tmp|old)(?:-\d+)?")
+
+
+def write_marker(directory: str | Path, command: str | None) -> None:
+    """Mark `directory` as written by distil `command` (the content is fixed, so reruns stay byte-identical)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"written_by": "distil", "command": command, "version": __version__}
+    (directory / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def output_command(path: str | Path) -> str | None:
+    """The distil command that wrote directory `path` ("unknown" for an unnamed one), or None if it is not distil's."""
+    recognised = _recognise(Path(path))
+    return recognised[0] if recognised else None
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """Names (relative to `path`) of what distil did not write in directory `path`: everything, if it is not a
+    distil output at all; for a run directory or a demo tree, whatever is not part of their layout."""
+    path = Path(path)
+    names = sorted(e.name for e in path.iterdir() if e.name != MARKER)
+    recognised = _recognise(path)
+    if recognised is None:
+        return names
+    command, layout = recognised
+    if layout is None:
+        return []
+    foreign = []
+    for name in names:
+        entry = path / name
+        if _leftover_of(name, layout):
+            continue
+        if name not in layout:
+            foreign.append(name)
+        elif command == "demo" and name in DEMO_DIRS:
+            inner = _recognise(entry) if entry.is_dir() else None
+            if inner is None:
+                foreign.append(name)
+            elif inner[1] is not None:
+                foreign += [f"{name}/{sub}" for sub in foreign_entries(entry)]
+        elif command == "demo" and not entry.is_file():
+            foreign.append(name)
+    return foreign
+
+
+def _recognise(path: Path) -> tuple[str, frozenset | None] | None:
+    """(command, layout) for a distil output directory, or None. layout None: every file in it is distil's;
+    otherwise only the names in layout (and distil's temporary leftovers) are."""
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict) and record.get("written_by") == "distil":
+            command = record.get("command") or "unknown"
+            return command, (DEMO_DIRS | DEMO_FILES if command == "demo" else None)
+    for name, command in LEGACY_MARKERS.items():
+        if (path / name).is_file():
+            return command, None
+    if _is_report(path):
+        return "report", None
+    if any((path / name).exists() for name in RUN_SIGNATURE) or any(
+            (path / name).is_dir() and _recognise(path / name) is not None for name in ("student", "student-init")):
+        return "train", RUN_ENTRIES
+    if any((path / name).is_dir() and _recognise(path / name) is not None for name in DEMO_DIRS):
+        return "demo", DEMO_DIRS | DEMO_FILES
+    return None
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path / REPORT_SUMMARY, encoding="utf-8") as fh:
+            return fh.readline().rstrip("\n") == REPORT_TITLE
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _leftover_of(name: str, layout: frozenset) -> bool:
+    """Whether `name` is a temporary leftover of one of the entries in `layout`."""
+    found = _LEFTOVER.fullmatch(name)
+    return bool(found) and any(found["name"] == entry or found["name"].startswith(entry + ".") for entry in layout)
+
+
+def _has_content(path: Path) -> bool:
+    """Anything other than distil's marker, or than temporary leftovers in a directory that is distil's."""
+    names = [e.name for e in path.iterdir() if e.name != MARKER]
+    if names and all(_LEFTOVER.fullmatch(n) for n in names):
+        return _recognise(path) is None
+    return bool(names)
+
+
+def _shown(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
+def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Refuse an output directory that already has content, unless overwriting is allowed and all of it is distil's.
+
+    `flag` names what would replace the directory (--overwrite, run.overwrite=true, ...) in the messages."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DistilError(f"The output path {path} exists and is a file, not a directory. Choose another output path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not _has_content(path):
+        return path
+    foreign = foreign_entries(path)
+    if not overwrite:
+        if foreign:
+            raise DistilError(
+                f"The output directory {path} already holds files that distil did not write ({_shown(foreign)}). "
+                f"Nothing was changed. Choose another output directory ({flag} only replaces distil's own outputs)."
+            )
         raise DistilError(
             f"The output directory {path} already holds results. Nothing was changed. "
-            "Pass --overwrite to replace it, or choose another output directory."
+            f"Pass {flag} to replace it, or choose another output directory."
+        )
+    if foreign:
+        command = output_command(path)
+        what = ("is not an output of distil" if command is None
+                else f"is a distil {command} output but also holds files distil did not write")
+        raise DistilError(
+            f"{flag} would delete files that distil did not write: {path} {what} ({_shown(foreign)}). Nothing was "
+            f"changed; distil only replaces directories it wrote itself (they carry {MARKER}). Choose another output "
+            "directory, or move those files away (or remove the directory) yourself and run again."
         )
     return path
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `path` only if the block completes.
+def remove_stale_leftovers(path: str | Path) -> int:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `path` whose process no longer runs; returns bytes freed.
 
-    On success the previous content of `path` (allowed only with overwrite) is replaced in one
-    rename; on any exception the temporary directory is removed and `path` is untouched.
+    A process killed outright (SIGKILL, power loss) cannot clean up after itself; its PID in the name tells whether
+    it is gone. Leftovers of a live process (another run writing the same output right now) are never touched."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:tmp|old)-(\d+)")
+    freed = 0
+    for entry in sorted(path.parent.iterdir()):
+        found = pattern.fullmatch(entry.name)
+        if not found or int(found.group(1)) == os.getpid() or _process_running(int(found.group(1))):
+            continue
+        size = _bytes_under(entry)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s, left by process %s that no longer runs: %s", entry, found.group(1), exc)
+            continue
+        freed += size
+        log.warning("removed %s, left by process %s that no longer runs (%s freed)", entry, found.group(1),
+                    human_size(size))
+    return freed
+
+
+def _process_running(pid: int) -> bool:
+    """Whether a process with this PID exists; in doubt (no permission to ask, Windows) it counts as running."""
+    if pid <= 0 or os.name == "nt":  # on Windows os.kill would terminate the process instead of asking
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _bytes_under(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def human_size(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False, command: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` (marked as distil `command`'s output) only if the block
+    completes.
+
+    On success the previous content of `path` (allowed only with overwrite, and only when it is distil's) is
+    replaced in one rename; on any exception the temporary directory is removed and `path` is untouched.
     """
     final = check_output_dir(path, overwrite)
+    check_writable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
+        write_marker(tmp, command)
+        keep_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final)
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work is done, an output that cannot be written: the nearest existing directory at or
+    above `path` must be writable (a read-only file system or a directory without write permission)."""
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file in the way is reported by check_output_dir, with its own message
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"{existing}, where it would be created,"
+        raise DistilError(
+            f"Cannot write the output {path}: {where} is not writable (a read-only file system, or no write "
+            "permission for this user). Nothing was changed. Choose an output directory you can write to."
+        )
+
+
+def keep_umask(directory: Path) -> None:
+    """Give files the user's usual permissions: safetensors writes weights readable by their owner only (0600),
+    unlike every other file of a model directory (0644 under the common umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o666 & ~mask
+    for entry in directory.rglob("*"):
+        if entry.is_file() and (entry.stat().st_mode & 0o777) == 0o600 and wanted != 0o600:
+            entry.chmod(wanted)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move directory `src` to `dst`, replacing `dst` as close to atomically as a filesystem allows."""
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        if old.exists():  # left by an earlier replace in this process whose clean-up failed
+            shutil.rmtree(old)
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)

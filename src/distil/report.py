@@ -17,7 +17,7 @@ import yaml
 from distil.errors import DistilError
 from distil.evaluation import table
 from distil.metrics_log import METRICS, read_metrics
-from distil.outputs import atomic_output_dir
+from distil.outputs import atomic_output_dir, check_output_dir, check_writable
 
 SUMMARY = "summary.md"
 HELDOUT_SKIP = {"step", "split", "batches", "tokens_per_s"}
@@ -214,11 +214,13 @@ def _runs_table(runs: list[dict]) -> list[str]:
 
 def report(run_dirs: list[str], output_dir: str, evaluation: str | None = None, overwrite: bool = False) -> dict:
     """Write PNG plots and summary.md for `run_dirs` (and an evaluation JSON) into `output_dir`."""
+    check_output_dir(output_dir, overwrite)  # before reading anything: a refused output costs nothing
+    check_writable(output_dir)
     runs = load_runs(run_dirs)
     results = load_evaluation(evaluation) if evaluation else None
     plt = _pyplot()
     plots: list[tuple[str, str]] = []
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="report") as tmp:
         figures = [
             ("training_losses.png", "Training loss terms", _training_panels(runs)),
             ("heldout.png", "Held-out evaluation (student solid, teacher dashed)", _heldout_panels(runs)),

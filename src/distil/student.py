@@ -110,8 +110,11 @@ def init_student(
     num_layers: int | None,
     architecture: str = "auto",
     overwrite: bool = False,
+    tokenizer: str | None = None,
 ) -> dict:
-    """Write a student built from teacher layers to `output_dir` and return a summary of what was made."""
+    """Write a student built from teacher layers to `output_dir` and return a summary of what was made.
+
+    The student gets the teacher's tokenizer, or `tokenizer` (a directory or hub id) for a teacher saved without one."""
     start = time.perf_counter()
     if architecture not in ARCHITECTURES:
         raise DistilError(f"Unknown student architecture {architecture!r}. Choose one of {', '.join(ARCHITECTURES)}.")
@@ -124,15 +127,15 @@ def init_student(
         )
     arch = _resolve_architecture(config, architecture)
     chosen = resolve_layers(num_teacher_layers, layers, num_layers)
+    _refuse_output_over_teacher(teacher, output_dir)  # first: its message says more than check_output_dir's
     check_output_dir(output_dir, overwrite)  # fail before the slow load; atomic_output_dir checks again
-    _refuse_output_over_teacher(teacher, output_dir)
 
     auto_class = _auto_class_for(config)
     logger.info("Loading teacher %s as %s", teacher, auto_class.__name__)
     model, info = load_model(teacher, auto_class, config=config)  # reusing the config skips a second GGUF parse
     model.eval()
     had_head = _check_teacher_weights(model, info, teacher)
-    tokenizer = _try_load_tokenizer(teacher)
+    tokenizer = load_tokenizer(tokenizer) if tokenizer else _try_load_tokenizer(teacher, output_dir)
 
     if arch == "distilbert":
         student = bert_to_distilbert(model, chosen)
@@ -147,7 +150,7 @@ def init_student(
         "architecture": arch,
         "teacher_had_lm_head": had_head,
     }
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="init-student") as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -248,13 +251,15 @@ def _check_teacher_weights(model, info: dict, teacher: str) -> bool:
     return not head_missing
 
 
-def _try_load_tokenizer(teacher: str):
-    """The teacher's tokenizer, or None (with a warning) when the teacher ships none: the student is still valid."""
+def _try_load_tokenizer(teacher: str, output_dir: str):
+    """The teacher's tokenizer, or None (with a warning that says what to do) when the teacher ships none."""
     try:
         return load_tokenizer(teacher)
-    except DistilError as exc:
+    except DistilError:
         logger.warning(
-            "No tokenizer saved with the student: %s Pass the teacher's tokenizer explicitly where one is needed.", exc
+            "The teacher %s has no tokenizer, so the student in %s gets none: distil prepare, train and evaluate "
+            "will need one named explicitly (--tokenizer, teacher.tokenizer). Run init-student again with "
+            "--tokenizer NAME_OR_DIR (the teacher's tokenizer) to save it with the student.", teacher, output_dir
         )
         return None
 

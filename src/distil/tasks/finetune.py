@@ -159,7 +159,7 @@ def run_task(
     log.info("task %s: %d training rows, %d eval rows, %s", task, len(data.train["input_ids"]),
              len(data.eval["input_ids"]), "distilling from " + teacher if teacher else "no teacher (plain fine-tuning)")
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="task") as tmp:
         metrics = _train(
             task, student_model, teacher_model, data, tokenizer.pad_token_id, tmp / "metrics.jsonl",
             alpha_ce=alpha_ce, alpha_task=alpha_task, temperature=temperature, epochs=epochs, lr=lr,
