@@ -1,12 +1,9 @@
 """Many processes on CPU with the gloo backend, launched the way users launch them (torchrun)."""
 
-import subprocess
-import sys
-
 import pytest
 
 from distil.metrics_log import read_metrics
-from train_fixtures import bert_workspace, subprocess_env, write_recipe
+from train_fixtures import bert_workspace, launch, train_rows, write_recipe
 
 STEPS = 5
 
@@ -14,28 +11,6 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return bert_workspace(tmp_path_factory.mktemp("ddp"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(args, processes: int, timeout: int = 240):
-    env = subprocess_env()
-    if processes == 1:
-        cmd = [sys.executable, "-m", "distil", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(free_port()), "-m", "distil", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def train_losses(run_dir):
-    return {r["step"]: r for r in read_metrics(run_dir) if r["split"] == "train"}
 
 
 COMPARED = ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm")
@@ -48,7 +23,7 @@ def single_process(workspace):
     one = write_recipe(root / "one.yaml", teacher, data, root / "run-1x8", data={"batch_size": 8}, **COMMON)
     single = launch([str(one)], processes=1)
     assert single.returncode == 0, single.stderr[-3000:]
-    return train_losses(root / "run-1x8")
+    return train_rows(root / "run-1x8")
 
 
 COMMON = dict(optim={"max_steps": STEPS, "lr": 3e-3}, run={"dropout": 0.0, "log_every": 1})
@@ -66,7 +41,7 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     assert double.returncode == 0, double.stderr[-3000:]
     assert f"2 processes x batch {batch} x accumulation {accumulation}" in double.stderr
 
-    a, b = single_process, train_losses(root / name)
+    a, b = single_process, train_rows(root / name)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
         for key in COMPARED:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distil.data.masking import MLMMasker, mask_probabilities
-from distil.training.fused_head import output_projection, projection_bypassed
+from distil.training.fused_head import output_projection, projection_replaced
 from distil.training.objective import (TermSpec, build_step, compute_terms, forward, fused_logit_terms, step_share,
                                        weighted_total)
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
@@ -31,11 +31,18 @@ def plain(spec, batch, student, teacher):
 
 def fused(spec, batch, student, teacher):
     s_proj, t_proj = output_projection(student), output_projection(teacher)
-    with torch.no_grad(), projection_bypassed(teacher, t_proj):
+    with torch.no_grad(), projection_replaced(t_proj, lambda states: states):
         t_states, _ = forward(teacher, batch, False)
-    with projection_bypassed(student, s_proj):
-        s_states, _ = forward(student, batch, False)
-    return fused_logit_terms(spec, batch, s_states, t_states, s_proj, t_proj)
+    shares = {}
+
+    def head(states):
+        total, parts = fused_logit_terms(spec, batch, states, t_states, s_proj, t_proj)
+        shares.update(parts)
+        return total
+
+    with projection_replaced(s_proj, head):
+        total, _ = forward(student, batch, False)
+    return total, shares
 
 
 @pytest.mark.parametrize("family,objective,restrict", [

@@ -137,7 +137,7 @@ def test_checkpoint_restores_weights_optimizer_and_generators(tmp_path):
 
     other = torch.nn.Linear(4, 4)
     other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
-    state = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path), other, other_opt, rank=0)
+    state = ckpt.load_checkpoint(ckpt.find_resumable(tmp_path), other, other, other_opt, rank=0, sharded=False)
     assert state["sampler"] == {"epoch": 2} and state["step"] == 1
     assert torch.equal(other.weight, weights)
     assert torch.equal(other_opt.state[other.weight]["exp_avg"], exp_avg)

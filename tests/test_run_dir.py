@@ -83,3 +83,15 @@ def test_stale_student_init_is_rebuilt_for_the_recipe(workspace):
     record = json.loads((run_dir / "student" / "distil_init.json").read_text())
     assert record["teacher_layers"] == [0, 3]
     assert json.loads((run_dir / "student-init" / "distil_init.json").read_text())["teacher_layers"] == [0, 3]
+
+
+def test_overwrite_with_a_failing_start_keeps_the_finished_run(workspace):
+    root, teacher, data = workspace
+    recipe = write_recipe(root / "kept.yaml", teacher, data, root / "kept", optim={"max_steps": 1})
+    train(load_config(recipe))
+    before = (root / "kept" / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(DistilError, match="out of range"):
+        train(load_config(recipe, ["run.overwrite=true", "loss.hidden_layers=[[9,9]]"]))
+    assert (root / "kept" / "student" / "model.safetensors").read_bytes() == before
+    train(load_config(recipe, ["run.overwrite=true", "optim.lr=0.01"]))
+    assert (root / "kept" / "student" / "model.safetensors").read_bytes() != before

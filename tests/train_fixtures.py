@@ -82,3 +82,38 @@ def bert_workspace(root: Path) -> tuple[Path, Path, Path]:
 def subprocess_env() -> dict:
     """Environment for `distil` child processes: one thread each (several share 2 cores), offline."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(processes: int, *args, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+                     torchrun: bool | None = None) -> list:
+    """`distil train ARGS` as users launch it: plain for one process, under torchrun for several (or when asked)."""
+    import sys
+
+    if not (torchrun or processes > 1 or nnodes > 1):
+        return [sys.executable, "-m", "distil", "train", *map(str, args)]
+    rendezvous = (["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}"] if nnodes > 1 else ["--master_port", str(port or free_port())])
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *rendezvous,
+            "-m", "distil", "train", *map(str, args)]
+
+
+def launch(args, processes: int, timeout: int = 240):
+    import subprocess
+
+    return subprocess.run(torchrun_command(processes, *args), env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_rows(run_dir) -> dict:
+    """metrics.jsonl's training rows by step."""
+    from distil.metrics_log import read_metrics
+
+    return {r["step"]: r for r in read_metrics(run_dir) if r["split"] == "train"}

@@ -21,6 +21,7 @@ class TeacherConfig:
     path: str = ""                      # hub id, save_pretrained directory, or .gguf file
     dtype: str = "auto"                 # float32 | bfloat16 | float16 | auto (float32 on CPU, bf16 on GPUs that have it)
     tokenizer: str | None = None        # defaults to the teacher's own
+    fsdp: str = "shard"                 # under FSDP: shard (frozen, resharded after each forward) | replicate
 
 
 @dataclass
@@ -90,6 +91,7 @@ class RunConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers (accelerate's): tensorboard,
                                         # wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab; none: []
     progress: bool = True
+    fsdp: bool = False                  # shard student (and teacher) with FSDP2; also set by accelerate launch --use_fsdp
     fused_head: bool = True             # output layer + logit losses in row chunks (no tokens x vocab tensors)
     collective_timeout_s: int = 1800    # a process waiting longer than this at a collective fails instead of hanging
 
@@ -344,6 +346,8 @@ def validate(config: TrainConfig) -> None:
                           f"{', '.join(TRACKERS)} (or none).")
     if r.mixed_precision not in ("no", "bf16", "fp16"):
         raise DistilError(f"run.mixed_precision must be no, bf16 or fp16, got {r.mixed_precision!r}.")
+    if config.teacher.fsdp not in ("shard", "replicate"):
+        raise DistilError(f"teacher.fsdp must be shard or replicate, got {config.teacher.fsdp!r}.")
     if config.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise DistilError(f"teacher.dtype must be auto, float32, bfloat16 or float16, got {config.teacher.dtype!r}.")
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():

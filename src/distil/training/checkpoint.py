@@ -2,8 +2,10 @@
 the sampler's position and every random generator, written atomically and checked when read back.
 
 Layout of <run>/checkpoints/step-00000100/:
-  student.safetensors      the student's weights (safetensors: no pickle)
-  optimizer.pt             optimizer state (tensors and numbers only; read back with weights_only=True)
+  student.safetensors      the student's weights (safetensors: no pickle)           } DDP / one process
+  optimizer.pt             optimizer state (tensors and numbers only; read back with weights_only=True) }
+  sharded/                 the trained module and optimizer state, one shard per process (FSDP), written with
+                           torch.distributed.checkpoint: read back by any number of processes (resharded)
   rng-rank<R>.safetensors  each process's torch CPU/CUDA generator states
   state.json               step, sampler position, scheduler, scaler, python/numpy generator states, file sizes
 A checkpoint directory only appears under its final name once complete (temp name + rename), and
@@ -24,13 +26,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from distil.outputs import write_json_atomic
+from distil.errors import DistilError
+from distil.outputs import keep_umask, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
 WEIGHTS = "student.safetensors"
 OPTIMIZER = "optimizer.pt"
+SHARDED = "sharded"
 LATEST = "latest"
 
 
@@ -69,8 +73,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, rank: int, is_main: bool,
-                    barrier, keep: int) -> Path:
-    """Write a checkpoint from every process (each saves its own generators) and publish it atomically."""
+                    barrier, keep: int, sharded_module=None) -> Path:
+    """Write a checkpoint from every process (each saves its own generators, and under FSDP its shards of
+    `sharded_module` and the optimizer) and publish it atomically."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if is_main:
@@ -81,12 +86,20 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, r
     plain_rng, tensor_rng = capture_rng()
     save_file(tensor_rng, str(tmp / rng_file(rank)))
     write_json_atomic(tmp / f"rng-rank{rank}.json", plain_rng)
+    if sharded_module is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(sharded_module, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
     barrier()
     if is_main:
-        save_model(student, str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        write_json_atomic(tmp / STATE, {**state, "step": step, "files": files})
+        if sharded_module is None:
+            save_model(student, str(tmp / WEIGHTS))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        keep_umask(tmp)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json_atomic(tmp / STATE, {**state, "step": step, "files": files, "sharded": sharded_module is not None})
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -98,9 +111,10 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, r
 
 
 def _fsync_dir(path: Path) -> None:
-    for p in path.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -116,6 +130,8 @@ def is_complete(path: Path) -> bool:
         for name, size in state["files"].items():
             if (path / name).stat().st_size != size:
                 return False
+        if state.get("sharded"):
+            return (path / SHARDED / ".metadata").is_file()
         with open(path / WEIGHTS, "rb") as fh:
             header = int.from_bytes(fh.read(8), "little")
             json.loads(fh.read(header))
@@ -136,11 +152,29 @@ def find_resumable(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, student, optimizer, rank: int) -> dict:
-    """Restore weights, optimizer and this process's generators; returns state.json for the rest."""
+def load_checkpoint(path: Path, student, trained, optimizer, rank: int, sharded: bool) -> dict:
+    """Restore weights, optimizer and this process's generators; returns state.json for the rest.
+
+    A sharded (FSDP) checkpoint is read by any number of processes, sharded or not: torch.distributed.checkpoint
+    reshards it. A full checkpoint (DDP, one process) is refused by a sharded run."""
     state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    load_model(student, str(path / WEIGHTS))
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+    if state.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(trained, optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=str(path / SHARDED))
+        set_state_dict(trained, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    elif sharded:
+        raise DistilError(
+            f"The checkpoint {path} was written without FSDP (full weights from one process), and this run shards "
+            "the student. Resume it the way it was started (without run.fsdp / --use_fsdp), or start over with "
+            "run.overwrite=true."
+        )
+    else:
+        load_model(student, str(path / WEIGHTS))
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
     own = path / rng_file(rank)
     if own.exists():
         plain = json.loads((path / f"rng-rank{rank}.json").read_text(encoding="utf-8"))

@@ -159,6 +159,11 @@ class _FusedHead(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+def _full(tensor):
+    """A teacher parameter whole: a sharded one (FSDP) is gathered; it is frozen, so no gradient flows back."""
+    return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") else tensor
+
+
 def fused_head_losses(hidden, projection, teacher_hidden, teacher_projection, kd_rows, labels, terms: HeadTerms,
                       chunk: int = CHUNK_ROWS):
     """(combined loss, [ce_sum, mse_sum, lm_sum]) over the rows of `hidden` (N, H).
@@ -166,8 +171,8 @@ def fused_head_losses(hidden, projection, teacher_hidden, teacher_projection, kd
     projection / teacher_projection: the models' output Linear layers. kd_rows (N,) bool: rows for the
     soft-target and MSE terms. labels (N,): the target id of each row, -100 where none.
     """
-    t_weight = teacher_projection.weight if teacher_projection is not None else None
-    t_bias = teacher_projection.bias if teacher_projection is not None else None
+    t_weight = _full(teacher_projection.weight) if teacher_projection is not None else None
+    t_bias = _full(teacher_projection.bias) if teacher_projection is not None else None
     return _FusedHead.apply(hidden, projection.weight, projection.bias, teacher_hidden, t_weight, t_bias,
                             kd_rows, labels, terms, chunk)
 
@@ -183,8 +188,9 @@ def _parent_and_name(model: torch.nn.Module, target: torch.nn.Module):
 def output_projection(model: torch.nn.Module):
     """The model's output Linear when the fused path can stand in for it, else None."""
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "final_logit_softcapping", None):
-        return None  # logits are transformed after the projection
+    if config is not None and any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale",
+                                                                         "logits_scaling")):
+        return None  # logits are transformed after the projection (Gemma-2 soft-capping, Cohere/Granite scaling)
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(projection, torch.nn.Linear):
         return None
@@ -197,11 +203,16 @@ def output_projection(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def projection_bypassed(model: torch.nn.Module, projection: torch.nn.Module):
-    """Make `model`'s forward return the states that would enter `projection` in place of logits."""
-    parent, attr = _parent_and_name(model, projection)
-    setattr(parent, attr, torch.nn.Identity())
+def projection_replaced(projection: torch.nn.Module, forward):
+    """Run `forward(states)` where the model calls its output layer, for the duration of the block.
+
+    The module stays where it is (only its forward is swapped on the instance), so wrappers that manage its
+    parameters see nothing change: under FSDP the output layer's weight is gathered for the model's forward as
+    usual, and the fused head, running inside that forward, reads the full weight and returns its gradient
+    through autograd like any layer. The model's `logits` output is then whatever `forward` returns: the
+    states themselves for the teacher, the fused loss for the student."""
+    projection.forward = forward
     try:
         yield
     finally:
-        setattr(parent, attr, projection)
+        del projection.forward

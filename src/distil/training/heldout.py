@@ -7,6 +7,7 @@ split smaller than one global batch) is evaluated as it is: every mean is over t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -33,7 +34,7 @@ def heldout_batches(heldout: TokenSequences, global_batch: int, max_batches: int
 
 @torch.no_grad()
 def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldout: TokenSequences,
-                     batches: list[list[int]], masker, pad_id: int) -> dict:
+                     batches: list[list[int]], masker, pad_id: int, sharded: bool = False) -> dict:
     """Means over the given held-out batches: the student's and the teacher's own LM loss, their soft-target KL
     (temperature of the recipe), and the hidden-state terms of the recipe; plus tokens/s."""
     rank, world, device = acc.process_index, acc.num_processes, acc.device
@@ -54,6 +55,11 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
                            device)[0]
         tokens += batch.step_tokens
         if batch.input_ids.shape[0] == 0:
+            if sharded:  # sharded models gather parameters inside forward: every process must run it
+                padding = torch.full((1, 1), pad_id, device=device)
+                stand_in = dataclasses.replace(batch, input_ids=padding, attention_mask=torch.ones_like(padding))
+                forward(objective.teacher, stand_in, spec.needs_hidden, objective.teacher_norm)
+                forward(student, stand_in, spec.needs_hidden, objective.student_norm)
             continue  # this process has no row of a small final batch
         with acc.autocast():
             t_logits, t_hidden = forward(objective.teacher, batch, spec.needs_hidden, objective.teacher_norm)

@@ -11,7 +11,6 @@ The loop knows no loss by name: which terms there are, and how they are computed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -21,17 +20,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distil.config import TrainConfig, dump_config
+from distil.config import TrainConfig
 from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
 from distil.errors import DistilError
 from distil.metrics_log import MetricsLog
+from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
+from distil.training.parallel import make_parallel
 from distil.training.recipe_changes import check_resume_recipe
-from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student
+from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
-                                   discarded_on_error, freeze_embeddings, fused_projections, keep_student_init,
+                                   discarded_on_error, freeze_embeddings, fused_projections,
                                    layer_pairs, load_models, make_accelerator, seed_everything, student_source)
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def train(config: TrainConfig) -> dict:
     acc = make_accelerator(config)
     rank, world, is_main, device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
     run_dir = Path(config.run.output_dir)
+    check_writable(run_dir)
     resume_from = prepare_run_dir(run_dir, config, is_main)
     if resume_from is not None:
         check_resume_recipe(run_dir, config)
@@ -106,25 +108,25 @@ def train(config: TrainConfig) -> dict:
     frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
                                config.run.freeze_token_type_embeddings)
 
-    trained = models.student_trained
-    optimizer = build_optimizer(trained, config)
-    scheduler = build_scheduler(optimizer, total_steps, config.optim.warmup_fraction)
+    parallel = make_parallel(acc, config)
+    trained_wrapped, optimizer = parallel.prepare(models, models.student_trained,
+                                                  lambda module: build_optimizer(module, config))
+    trained = models.student_trained  # what is saved and evaluated (sharded in place under FSDP)
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    scheduler = build_scheduler(raw_optimizer, total_steps, config.optim.warmup_fraction)
     acc.wait_for_everyone()
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        keep_student_init(student_init, run_dir)
-        dump_config(config, run_dir / "recipe.yaml")
+        start_run_dir(run_dir, config, student_init)
     acc.wait_for_everyone()
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, models.student, optimizer, rank)
+        state = ckpt.load_checkpoint(resume_from, models.student, trained, raw_optimizer, rank, parallel.sharded)
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
         sampler.load_state_dict(state["sampler"])
         scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
         log.info("Resuming from %s (step %d of %d)", resume_from, step, total_steps)
-    trained_wrapped, optimizer = acc.prepare(trained, optimizer)
-    if resume_from is not None and acc.scaler is not None and state.get("scaler"):
-        acc.scaler.load_state_dict(state["scaler"])
 
     metrics = MetricsLog(run_dir, acc, is_main, resume_step=step, project=config.name or run_dir.name,
                          hparams=config.to_dict())
@@ -144,11 +146,12 @@ def train(config: TrainConfig) -> dict:
                  "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "total_steps": total_steps, "world_size": world}
-        ckpt.save_checkpoint(run_dir, at_step, models.student, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                             else optimizer, state, rank, is_main, acc.wait_for_everyone, config.run.keep_checkpoints)
+        ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
+                             acc.wait_for_everyone, config.run.keep_checkpoints,
+                             sharded_module=trained if parallel.sharded else None)
 
     def heldout_metrics() -> dict:
-        return evaluate_heldout(acc, objective, trained, heldout, eval_batches, masker, pad_id)
+        return evaluate_heldout(acc, objective, trained, heldout, eval_batches, masker, pad_id, parallel.sharded)
 
     with StopFlag() as stop:
         while step < total_steps:
@@ -157,8 +160,7 @@ def train(config: TrainConfig) -> dict:
                                        generator, rank, world, device, micro_batches=accum)
             step_values = torch.zeros(len(term_names), device=device)
             for micro, batch in enumerate(micro_batches):
-                last_micro = micro == accum - 1
-                with (contextlib.nullcontext() if last_micro else acc.no_sync(trained_wrapped)):
+                with parallel.no_sync(trained_wrapped, last_micro=micro == accum - 1):
                     try:
                         loss, shares = objective(trained_wrapped, batch)
                     except torch.OutOfMemoryError:
@@ -180,7 +182,7 @@ def train(config: TrainConfig) -> dict:
                     "together; the last checkpoint is intact). Lower optim.lr, use bf16 instead of fp16, or check the data."
                 )
             if config.optim.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(trained_wrapped.parameters(), config.optim.max_grad_norm)
+                grad_norm = parallel.clip_grad_norm(trained_wrapped, config.optim.max_grad_norm)
             else:
                 grad_norm = None
             optimizer.step()
@@ -225,8 +227,9 @@ def train(config: TrainConfig) -> dict:
     if final_eval:
         metrics.write(step, "heldout", final_eval)
     metrics.close()
+    whole = parallel.full_student(models)  # gathered from the shards under FSDP (every process takes part)
     if is_main:
-        save_student(run_dir, config, models, summary, final_eval)
+        save_student(run_dir, config, models, whole, summary, final_eval)
         log.info("Finished: student saved to %s", run_dir / FINAL_STUDENT)
     acc.wait_for_everyone()
     summary["heldout"] = final_eval

@@ -19,7 +19,7 @@ import torch
 from distil import losses
 from distil.data.dataset import pad_batch
 from distil.data.masking import MLMMasker, causal_lm_labels
-from distil.training.fused_head import HeadTerms, fused_head_losses, projection_bypassed
+from distil.training.fused_head import HeadTerms, fused_head_losses, projection_replaced
 
 LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
 HIDDEN_TERMS = ("cos", "hidden_mse")
@@ -271,24 +271,39 @@ class Objective:
     def __call__(self, student_module: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         """(differentiable weighted share of the step loss, {term: detached share})."""
         spec = self.spec
-        s_proj, t_proj = self.fused if self.fused is not None else (None, None)
-        t_logits = t_hidden = None
-        # no_grad rather than inference_mode: teacher outputs feed the loss, whose backward saves them.
-        with torch.no_grad(), self.autocast():
-            bypass = projection_bypassed(self.teacher, t_proj) if t_proj is not None else contextlib.nullcontext()
-            if spec.needs_teacher:  # a student-only baseline (alpha_mlm alone) skips the teacher
-                with bypass:
-                    t_logits, t_hidden = forward(self.teacher, batch, spec.needs_hidden, self.teacher_norm)
-        bypass = projection_bypassed(self.student, s_proj) if s_proj is not None else contextlib.nullcontext()
-        with bypass:
-            s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
         if self.fused is None:
+            t_logits, t_hidden = self.teacher_outputs(batch)
+            s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
             shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
             return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
-        total, shares = fused_logit_terms(spec, batch, s_logits, t_logits if t_proj is not None else None,
-                                          s_proj, t_proj)
+        s_proj, t_proj = self.fused
+        t_states, t_hidden = self.teacher_outputs(batch, states_only=t_proj is not None)
+        logit_shares: dict = {}
+
+        def fused_head(states):  # runs where the student calls its output layer, inside its forward
+            total, shares = fused_logit_terms(spec, batch, states, t_states if t_proj is not None else None,
+                                              s_proj, t_proj)
+            logit_shares.update(shares)
+            return total
+
+        with projection_replaced(s_proj, fused_head):
+            total, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
+        shares = dict(logit_shares)
         if spec.needs_hidden:
             hidden = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=HIDDEN_TERMS))
             total = total + weighted_total(hidden, spec.weights)
             shares.update({k: v.detach() for k, v in hidden.items()})
         return total, shares
+
+    @torch.no_grad()  # no_grad, not inference_mode: teacher outputs feed the loss, whose backward saves them
+    def teacher_outputs(self, batch: Batch, states_only: bool = False):
+        """(logits, or the states that enter the output layer when `states_only`; HiddenStates or None).
+        A student-only baseline (alpha_mlm alone) runs no teacher."""
+        if not self.spec.needs_teacher:
+            return None, None
+        with self.autocast():
+            t_proj = self.fused[1] if states_only else None
+            replaced = projection_replaced(t_proj, lambda states: states) if t_proj is not None \
+                else contextlib.nullcontext()
+            with replaced:
+                return forward(self.teacher, batch, self.spec.needs_hidden, self.teacher_norm)

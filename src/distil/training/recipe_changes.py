@@ -24,6 +24,7 @@ SAFE_TO_CHANGE = frozenset({
     "optim.max_steps", "optim.epochs",
     "run.log_every", "run.eval_every", "run.eval_batches", "run.checkpoint_every", "run.keep_checkpoints",
     "run.report_to", "run.progress", "run.collective_timeout_s", "run.resume", "run.overwrite",
+    "run.output_dir",  # a run directory moved or copied elsewhere
 })
 
 

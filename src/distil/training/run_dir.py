@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distil.config import TrainConfig
 from distil.errors import DistilError
-from distil.outputs import atomic_output_dir, write_json_atomic
+from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
 from distil.training import checkpoint as ckpt
 
 FINAL_STUDENT = "student"
@@ -22,8 +22,12 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, is_main: bool) -> Path |
     finished = (run_dir / FINAL_STUDENT / "config.json").exists()
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
     if config.run.overwrite:
+        # Refused unless everything in run_dir is what distil train writes: run.overwrite must never delete the
+        # user's own files. Only the main process checks and removes (another one checking while it removes would
+        # see half a run directory); a refusal there ends the other processes too.
+        # The removal itself waits until every start-up check has passed (start_run_dir).
         if is_main and run_dir.exists():
-            shutil.rmtree(run_dir)
+            check_output_dir(run_dir, overwrite=True, flag="run.overwrite=true")
         return None
     if config.run.resume not in ("auto", "never"):
         return Path(config.run.resume)
@@ -51,11 +55,25 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, is_main: bool) -> Path |
     return None
 
 
-def save_student(run_dir: Path, config: TrainConfig, models, summary: dict, final_eval: dict) -> None:
-    student = models.student
+def start_run_dir(run_dir: Path, config: TrainConfig, student_init: Path | None) -> None:
+    """Create (or, with run.overwrite, replace) the run directory once every start-up check has passed: move in the
+    student-init built beside it, and record the recipe the run really is. Main process only."""
+    from distil.config import dump_config
+    from distil.training.setup import keep_student_init
+
+    if config.run.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_student_init(student_init, run_dir)
+    dump_config(config, run_dir / "recipe.yaml")
+
+
+def save_student(run_dir: Path, config: TrainConfig, models, student, summary: dict, final_eval: dict) -> None:
+    """Write `student` (the trained student with all its weights) as a save_pretrained directory with the
+    tokenizer, distil_init.json and the model card."""
     for key, value in models.original_dropout.items():
         setattr(student.config, key, value)
-    with atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True) as tmp:
+    with atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True, command="train") as tmp:
         student.save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
         record = dict(models.init_record or {})

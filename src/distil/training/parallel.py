@@ -1,0 +1,149 @@
+"""How the student is spread over processes: DDP (through accelerate) or FSDP2 (`fully_shard`), behind one face.
+
+DDP keeps a full copy of student, gradients and optimizer state on every process and averages gradients. FSDP
+shards each transformer block of the student (and, with `teacher.fsdp: shard`, of the frozen teacher) so that a
+process holds 1/N of the parameters, gradients and optimizer state, gathering a block's parameters only while it
+runs. FSDP is driven through `torch.distributed.fsdp.fully_shard` directly, the same code on CPU (gloo) and GPU
+(NCCL): accelerate's own FSDP path needs CUDA. It is chosen by `run.fsdp: true` or by `accelerate launch
+--use_fsdp` (which sets ACCELERATE_USE_FSDP). Both layouts average gradients over processes, so the loop scales
+each micro-batch's share of the step loss by the process count either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+
+from distil.errors import DistilError
+
+log = logging.getLogger(__name__)
+
+
+def fsdp_requested(config) -> bool:
+    return bool(config.run.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from distil.student import find_layer_list
+
+    name, _ = find_layer_list(model)
+    return list(model.get_submodule(name))
+
+
+def _shard(model: torch.nn.Module, mixed_precision: str, reshard_after_forward: bool) -> None:
+    """fully_shard every block, then the root (embeddings, final norm and output layer stay together, so tied
+    input and output embeddings are one parameter)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Raised for every model whose outputs include views (hidden states); distil never changes them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    for block in _blocks(model):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+class DataParallel:
+    """DDP through accelerate (a single process runs the model as it is)."""
+
+    sharded = False
+
+    def __init__(self, acc):
+        self.acc = acc
+
+    def prepare(self, models, trained: torch.nn.Module, build_optimizer):
+        """(the module the loop calls, the optimizer): DDP-wrapped when there are several processes."""
+        return self.acc.prepare(trained, build_optimizer(trained))
+
+    def no_sync(self, module, last_micro: bool):
+        return contextlib.nullcontext() if last_micro else self.acc.no_sync(module)
+
+    def clip_grad_norm(self, module, max_norm: float) -> float:
+        return float(self.acc.clip_grad_norm_(module.parameters(), max_norm))
+
+    def full_student(self, models):
+        """The student with all its weights, on the main process (None elsewhere), for save_pretrained."""
+        return models.student if self.acc.is_main_process else None
+
+
+class FullyShardedDataParallel:
+    """FSDP2: the student sharded and trained; the teacher sharded too (frozen, no optimizer state) or replicated."""
+
+    sharded = True
+
+    def __init__(self, acc, config):
+        self.acc = acc
+        self.config = config
+        if not torch.distributed.is_initialized():
+            raise DistilError(
+                "run.fsdp needs a distributed launch: run under torchrun (torchrun --nproc_per_node N -m distil train "
+                "RECIPE run.fsdp=true) or accelerate launch --use_fsdp. A single process has nothing to shard."
+            )
+
+    def prepare(self, models, trained: torch.nn.Module, build_optimizer):
+        """Shard the models in place (the student's trained module, and the teacher unless it is replicated), then
+        build the optimizer over the sharded parameters: each process keeps the state of its own shard."""
+        mixed = self.config.run.mixed_precision
+        _shard(trained, mixed, reshard_after_forward=True)
+        if self.config.teacher.fsdp == "shard":
+            _shard(models.teacher, mixed, reshard_after_forward=True)
+        log.info("FSDP: student%s sharded over %d processes (each block, then the root)",
+                 " and teacher" if self.config.teacher.fsdp == "shard" else "", self.acc.num_processes)
+        return trained, build_optimizer(trained)
+
+    def no_sync(self, module, last_micro: bool):
+        @contextlib.contextmanager
+        def gradient_sync():
+            # Accumulating micro-batches keep their gradients unreduced; the last one reduce-scatters the sum.
+            module.set_requires_gradient_sync(last_micro)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+        return gradient_sync()
+
+    def clip_grad_norm(self, module, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def full_student(self, models):
+        """Gather the sharded student into a plain model on the main process (None elsewhere). A collective:
+        every process calls it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        trained, student = models.student_trained, models.student
+        gathered = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.acc.is_main_process:
+            return None
+        prefix = "" if trained is student else student.base_model_prefix + "."
+        state = {prefix + key: value for key, value in gathered.items()}
+        if prefix:  # the untrained head of a hidden-states-only run was never sharded
+            state.update({k: v for k, v in student.state_dict().items() if not k.startswith(prefix)})
+        plain = type(student)(student.config)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        plain.tie_weights()
+        untied = [k for k in missing if k not in _tied_keys(plain)]
+        if untied or unexpected:
+            raise RuntimeError(f"gathering the FSDP student lost weights: missing {untied}, unexpected {unexpected}")
+        return plain
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied output layer)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied
+
+
+def make_parallel(acc, config):
+    return FullyShardedDataParallel(acc, config) if fsdp_requested(config) else DataParallel(acc)
