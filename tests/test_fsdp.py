@@ -150,3 +150,23 @@ def test_multinode_rehearsal_two_local_nodes_equal_one_process(root):
         assert p.returncode == 0, err[-3000:]
     assert "2 processes x batch 4" in outputs[0][1] + outputs[1][1]
     assert_same(root / "mn-1x8", root / "mn-2nodes", KEYS["bert"])
+
+
+def test_fsdp_through_accelerate_launch_use_fsdp(root):
+    """`accelerate launch --use_fsdp` with a recipe that does not mention FSDP shards the same way as torchrun
+    with run.fsdp=true, and records run.fsdp: true in the run's recipe."""
+    import sys
+
+    import yaml
+
+    reference = root / "bert-1x8"
+    if not (reference / "student").exists():
+        run_ok([recipe(root, "bert", "bert-1x8", 8)], 1)
+    launched = recipe(root, "bert", "bert-accelerate-fsdp", 4)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--use_fsdp",
+                  "--main_process_port", str(free_port()), "-m", "distil", "train", str(launched)]
+    result = subprocess.run(accelerate, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP: student and teacher sharded over 2" in result.stderr
+    assert yaml.safe_load((root / "bert-accelerate-fsdp" / "recipe.yaml").read_text())["run"]["fsdp"] is True
+    assert_same(reference, root / "bert-accelerate-fsdp", KEYS["bert"])

@@ -28,7 +28,7 @@ from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
-from distil.training.parallel import make_parallel
+from distil.training.parallel import fsdp_requested, make_parallel
 from distil.training.recipe_changes import check_resume_recipe
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
@@ -71,6 +71,7 @@ class StopFlag:
 
 def train(config: TrainConfig) -> dict:
     """Run (or resume) a distillation described by `config`; returns a summary of the finished run."""
+    config.run.fsdp = fsdp_requested(config)  # `accelerate launch --use_fsdp` says so in the environment
     acc = make_accelerator(config)
     rank, world, is_main, device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
     run_dir = Path(config.run.output_dir)

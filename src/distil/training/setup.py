@@ -380,11 +380,18 @@ def make_accelerator(config: TrainConfig):
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s))
     # Without a GPU, accelerate only sets up gloo data parallelism (torchrun on CPU) when told cpu=True.
     on_cpu = not torch.cuda.is_available()
+    # `accelerate launch --use_fsdp` asks for FSDP through the environment; distil shards the models itself
+    # (training/parallel.py reads the same variable), so accelerate must not build its own FSDP plugin, which
+    # would also refuse to start without a GPU.
+    use_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
         return Accelerator(mixed_precision=config.run.mixed_precision, kwargs_handlers=[timeout], cpu=on_cpu,
                            log_with=trackers(config) or None, project_dir=config.run.output_dir)
     except ValueError as exc:
         raise DistilError(f"Mixed precision {config.run.mixed_precision!r} is not available here: {exc}") from None
+    finally:
+        if use_fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = use_fsdp
 
 
 # The module each tracker of run.report_to needs, and the package that provides it.
