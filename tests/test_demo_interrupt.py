@@ -6,7 +6,7 @@ import json
 import pytest
 
 import distil.data.prepare
-import distil.evaluate
+import distil.evaluation.evaluate
 import distil.report
 import distil.training.loop
 from distil.cli import main
@@ -53,7 +53,7 @@ def pipeline(monkeypatch):
 
     monkeypatch.setattr(distil.data.prepare, "prepare", prepare)
     monkeypatch.setattr(distil.training.loop, "train", train)
-    monkeypatch.setattr(distil.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(distil.evaluation.evaluate, "evaluate", evaluate)
     monkeypatch.setattr(distil.report, "report", report)
     return calls
 

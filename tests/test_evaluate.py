@@ -17,7 +17,7 @@ from distil import losses
 from distil.data.masking import IGNORE_INDEX
 from distil.data.prepare import prepare
 from distil.errors import DistilError
-from distil.evaluate import evaluate, parse_model_specs
+from distil.evaluation.evaluate import evaluate, parse_model_specs
 from distil.evaluation import lm_quality, retention, speed, table
 from distil.loading import load_tokenizer
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2

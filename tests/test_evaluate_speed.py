@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distil.evaluate import evaluate
+from distil.evaluation.evaluate import evaluate
 from distil.evaluation import lm_quality, speed, table
 from tiny_models import VOCAB_SIZE, tiny_bert
 from tiny_tokenizers import word_level_tokenizer

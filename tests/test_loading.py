@@ -57,7 +57,7 @@ def test_unknown_hub_name_and_missing_local_path(monkeypatch, tmp_path):
 
 
 def test_evaluate_checks_every_model_before_evaluating_the_first(monkeypatch, tmp_path):
-    from distil import evaluate as evaluate_module
+    from distil.evaluation import evaluate as evaluate_module
     from distil.evaluation import lm_quality
 
     loaded = []

@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from distil.config import load_config
-from distil.evaluate import evaluate
+from distil.evaluation.evaluate import evaluate
 from distil.training.loop import train
 from train_fixtures import prepared_data, teacher_dir, write_recipe
 
@@ -86,3 +86,7 @@ def test_python_api_trains_from_a_dict_twice_and_stays_light_to_import(distilled
     light = subprocess.run([sys.executable, "-c", "import distil, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60)
     assert light.stdout.strip() == "False"
+    import distil.evaluation.evaluate  # noqa: F401  (a submodule import must not shadow the API's functions)
+
+    assert [getattr(distil, f).__name__ for f in ("prepare", "init_student", "train", "evaluate", "run_task")] == \
+        ["prepare", "init_student", "train", "evaluate", "run_task"]

@@ -11,7 +11,7 @@ _API = {
     "prepare": ("distil.data.prepare", "prepare"),
     "init_student": ("distil.student", "init_student"),
     "train": ("distil.api", "train"),
-    "evaluate": ("distil.evaluate", "evaluate"),
+    "evaluate": ("distil.evaluation.evaluate", "evaluate"),
     "run_task": ("distil.tasks.finetune", "run_task"),
     "load_config": ("distil.config", "load_config"),
     "DistilError": ("distil.errors", "DistilError"),

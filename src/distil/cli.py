@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int | None:
         )
         print(json.dumps(metrics, indent=2))
     elif args.command == "evaluate":
-        from distil.evaluate import evaluate
+        from distil.evaluation.evaluate import evaluate
 
         evaluate(
             models=args.models, data=args.data, split=args.split, max_sequences=args.max_sequences,

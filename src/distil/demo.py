@@ -44,7 +44,7 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
     from distil.config import load_config
     from distil.data.prepare import prepare
     from distil.training.loop import train
-    from distil.evaluate import evaluate
+    from distil.evaluation.evaluate import evaluate
 
     root = repository_root()
     out = Path(output_dir)

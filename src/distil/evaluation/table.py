@@ -41,7 +41,7 @@ DOUBTFUL = "⚠"
 
 
 def flat_metrics(model: dict) -> dict[str, float]:
-    """The table's numbers for one model result of `distil.evaluate.evaluate`."""
+    """The table's numbers for one model result of `distil.evaluation.evaluate.evaluate`."""
     flat: dict[str, float] = {}
     size = model.get("size") or {}
     for part in ("total", "embedding", "non_embedding"):
