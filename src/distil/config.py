@@ -45,7 +45,10 @@ class DataConfig:
 class LossConfig:
     objective: str = "auto"             # auto (from the teacher: encoder -> mlm, decoder -> clm) | mlm | clm
     temperature: float = 2.0
-    alpha_ce: float = 0.5               # soft-target KL(teacher_T || student_T) * T^2
+    alpha_ce: float = 0.5               # soft-target divergence (loss.divergence, forward KL by default) * T^2
+    divergence: str = "forward_kl"      # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+    jsd_beta: float = 0.5               # jsd: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    skew_alpha: float = 0.1             # skew_kl: KL(p || alpha p + (1 - alpha) q); skew_reverse_kl likewise
     alpha_mlm: float = 0.0              # masked-LM cross-entropy on the student
     alpha_clm: float = 0.0              # causal-LM cross-entropy on the student (shifted)
     alpha_mse: float = 0.0              # MSE between student and teacher logits
@@ -298,6 +301,13 @@ def validate(config: TrainConfig) -> None:
         raise DistilError("All loss weights are 0, so nothing would be learned. Set at least one of " + ", ".join(alphas) + ".")
     if loss.alpha_mlm > 0 and loss.alpha_clm > 0:
         raise DistilError("alpha_mlm and alpha_clm are both set: a run is either masked-LM (encoders) or causal-LM (decoders).")
+    divergences = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+    if loss.divergence not in divergences:
+        raise DistilError(f"loss.divergence must be one of {', '.join(divergences)}, got {loss.divergence!r}."
+                          f"{_closest(str(loss.divergence), list(divergences))}")
+    if not 0 < loss.jsd_beta < 1 or not 0 <= loss.skew_alpha < 1:
+        raise DistilError(f"loss.jsd_beta must be in (0, 1) and loss.skew_alpha in [0, 1); got {loss.jsd_beta} and "
+                          f"{loss.skew_alpha} (jsd_beta 0.5 is the symmetric JSD; skew_alpha 0 is plain KL).")
     if loss.temperature <= 0:
         raise DistilError(f"loss.temperature must be > 0, got {loss.temperature}.")
     if not 0 < loss.mlm_probability < 1:

@@ -1,6 +1,7 @@
 """Distillation losses, one module per family, as small pure functions on tensors.
 
-- `logits`: soft-target KL, masked-LM and causal-LM cross-entropy, logit MSE;
+- `logits`: soft-target KL (and any divergence), masked-LM and causal-LM cross-entropy, logit MSE;
+- `divergences`: forward and reverse KL, generalised JSD, skew KL, skew reverse KL, total variation;
 - `hidden`: hidden-state cosine and MSE;
 - `rows`: the row selection they share.
 
@@ -8,6 +9,7 @@ Which terms a run computes, and with which weights, is decided in `distil.traini
 """
 
 from distil.losses.hidden import hidden_cosine, hidden_mse
-from distil.losses.logits import causal_lm_loss, logit_mse, masked_lm_loss, soft_target_kl
+from distil.losses.divergences import DIVERGENCES, divergence_sum
+from distil.losses.logits import causal_lm_loss, logit_mse, masked_lm_loss, soft_target_kl, soft_target_loss
 
-__all__ = ["soft_target_kl", "masked_lm_loss", "causal_lm_loss", "logit_mse", "hidden_cosine", "hidden_mse"]
+__all__ = ["soft_target_kl", "soft_target_loss", "divergence_sum", "DIVERGENCES", "masked_lm_loss", "causal_lm_loss", "logit_mse", "hidden_cosine", "hidden_mse"]

@@ -40,6 +40,29 @@ def soft_target_kl(
     return kl / n_rows * (temperature**2)
 
 
+def soft_target_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    mask: Tensor | None = None,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> Tensor:
+    """A divergence between softened teacher and student distributions (see distil.losses.divergences), times
+    T**2, averaged over selected rows. forward_kl is `soft_target_kl`."""
+    from distil.losses.divergences import divergence_sum
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    check_pair(student_logits, teacher_logits, "logits")
+    student = select_rows(student_logits, mask)
+    teacher = select_rows(teacher_logits, mask)
+    if student.shape[0] == 0:
+        return zero_like_graph(student)
+    return divergence_sum(student, teacher, divergence, temperature, jsd_beta, skew_alpha) / student.shape[0]
+
+
 def masked_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy over positions whose label is not `ignore_index`.
 

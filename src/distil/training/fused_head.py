@@ -3,7 +3,7 @@
 With a 30K-250K vocabulary, the logits of the student, the teacher, their softmaxes and the gradient are each
 tokens x vocabulary floats: on the seed's loop they were most of the memory and much of the time. Here the
 student's last hidden states (before the vocabulary projection) and the teacher's go in; each chunk of rows is
-projected, its soft-target KL, MLM/causal cross-entropy and logit MSE are summed, and the gradients with respect
+projected, its soft-target divergence, MLM/causal cross-entropy and logit MSE are summed, and the gradients with respect
 to the hidden states, the projection weight and its bias are accumulated at once (the loss is a scalar, so the
 backward pass only scales them). The values equal the plain formulation in `distil.losses` (tested).
 """
@@ -26,7 +26,10 @@ class HeadTerms:
     """Which logit terms to compute, with the coefficient each sum gets in the combined loss."""
 
     temperature: float
-    coef_ce: float = 0.0      # soft-target KL (times T^2), summed over kd rows
+    coef_ce: float = 0.0      # soft-target divergence (times T^2), summed over kd rows
+    divergence: str = "forward_kl"  # see distil.losses.divergences
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
     coef_mse: float = 0.0     # logit squared error summed over the vocabulary, over kd rows
     coef_lm: float = 0.0      # cross-entropy against row labels (MLM targets or next tokens)
 
@@ -51,6 +54,18 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.T
     if h.dtype == torch.float32 and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
         return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
     return out.copy_(F.linear(h, w.to(h.dtype), b.to(h.dtype) if b is not None else None))
+
+
+def _divergence_and_grad(s: torch.Tensor, t: torch.Tensor, kd: torch.Tensor, terms: HeadTerms):
+    """(divergence summed over the chunk's kd rows, its gradient with respect to the chunk's student logits)."""
+    from distil.losses.divergences import divergence_sum
+
+    with torch.enable_grad():
+        logits = s.detach().requires_grad_(True)
+        value = divergence_sum(logits[kd], t[kd], terms.divergence, terms.temperature, terms.jsd_beta,
+                               terms.skew_alpha)
+        (d_logits,) = torch.autograd.grad(value, logits)
+    return value.detach(), d_logits
 
 
 class _FusedHead(torch.autograd.Function):
@@ -97,7 +112,17 @@ class _FusedHead(torch.autograd.Function):
                     grad.copy_(diff).mul_(2.0 * terms.coef_mse)
                     have_grad = True
                     del diff
-                if terms.coef_ce != 0:
+                if terms.coef_ce != 0 and terms.divergence != "forward_kl":
+                    # Any other divergence: its plain formulation, differentiated on this chunk alone.
+                    value, d_logits = _divergence_and_grad(s, t, kd, terms)
+                    sums[0] += value
+                    d_logits.mul_(terms.coef_ce)
+                    if have_grad:
+                        grad.add_(d_logits)
+                    else:
+                        grad = d_logits
+                        have_grad = True
+                elif terms.coef_ce != 0:
                     scratch = work[2, :c] if not have_grad else torch.empty_like(t)
                     log_p_t = torch.log_softmax(t.div_(T), dim=-1, out=scratch)
                     p_t = torch.exp(log_p_t, out=t)                      # teacher probabilities replace its logits

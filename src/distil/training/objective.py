@@ -93,6 +93,9 @@ class TermSpec:
     objective: str                   # mlm | clm
     restrict_ce_to_mask: bool
     layer_pairs: list[tuple[int, int]]
+    divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.losses.divergences
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
 
     @property
     def needs_logits(self) -> bool:
@@ -122,7 +125,8 @@ def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]]) -
               "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse}
     return TermSpec(weights={k: float(v) for k, v in alphas.items() if v > 0}, temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
-                    layer_pairs=list(layer_pairs))
+                    layer_pairs=list(layer_pairs), divergence=loss.divergence, jsd_beta=float(loss.jsd_beta),
+                    skew_alpha=float(loss.skew_alpha))
 
 
 @dataclass
@@ -194,7 +198,8 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
     terms: dict[str, tuple] = {}
     w = {k: v for k, v in spec.weights.items() if only is None or k in only}
     if "ce" in w:
-        terms["ce"] = (losses.soft_target_kl(s_logits, t_logits, spec.temperature, kd_rows), kd_local, kd_step)
+        terms["ce"] = (losses.soft_target_loss(s_logits, t_logits, spec.temperature, kd_rows, spec.divergence,
+                                               spec.jsd_beta, spec.skew_alpha), kd_local, kd_step)
     if "mse" in w:
         terms["mse"] = (losses.logit_mse(s_logits, t_logits, kd_rows), kd_local, kd_step)
     if "mlm" in w:
@@ -228,7 +233,8 @@ def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projec
     kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
     w = spec.weights
     lm_name = "clm" if spec.objective == "clm" else "mlm"
-    terms = HeadTerms(temperature=spec.temperature, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
+    terms = HeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
+                      skew_alpha=spec.skew_alpha, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
                       coef_mse=w.get("mse", 0.0) / max(kd_step, 1),
                       coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
     hidden = s_states.reshape(-1, s_states.shape[-1])[flat_real]
