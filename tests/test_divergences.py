@@ -112,3 +112,28 @@ def test_divergence_recipe_key_is_validated_and_trains(tmp_path):
     train(load_config(recipe))
     rows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert rows[-1]["loss_ce"] < 0.8 * rows[0]["loss_ce"]
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_padded_vocab_fused_head_equals_plain_on_the_shared_ids(kind):
+    """Teacher and student output layers padded to 128 and 112 rows beyond a 96-token tokenizer."""
+    teacher, student = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=2, seed=2)
+    teacher.resize_token_embeddings(128)
+    student.resize_token_embeddings(112)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(4.0)
+    spec = TermSpec(weights={"ce": 5.0, "mse": 0.3, "clm": 2.0}, temperature=2.0, objective="clm",
+                    restrict_ce_to_mask=False, layer_pairs=[], divergence=kind, vocab_limit=96)
+    batch = batch_for("clm")
+    student.zero_grad()
+    total_plain, _ = plain(spec, batch, student, teacher)
+    total_plain.backward()
+    grads_plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    total_fused, _ = fused(spec, batch, student, teacher)
+    total_fused.backward()
+    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(dict(student.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The padding rows of the student's output layer get no gradient: they are never predicted.
+    assert student.get_output_embeddings().weight.grad[96:].abs().max() == 0

@@ -154,14 +154,44 @@ def expect_error(workspace, match, family="bert", overrides=(), **sections):
         run(workspace, family, "run-bad", ["run.overwrite=true", *overrides], **sections)
 
 
-def test_vocabulary_mismatch_says_by_how_much(workspace):
+def test_padded_vocab_student_trains_on_the_tokenizer_ids(workspace, caplog):
+    """A student whose output layer is padded beyond the shared 96-token tokenizer (104 rows) against the
+    teacher's 96: distilled on the tokenizer's ids, said at start-up."""
     from tiny_models import tiny_bert
 
-    student = workspace / "student-bigvocab"
+    student = workspace / "student-padded"
     model = tiny_bert(num_layers=2)
     model.resize_token_embeddings(104)
     model.save_pretrained(student)
-    expect_error(workspace, "96 entries and the student's 104.*8 fewer", student={"num_layers": None, "path": str(student)})
+    with caplog.at_level("WARNING"):
+        summary, run_dir = run(workspace, "bert", "run-padded", student={"num_layers": None, "path": str(student)},
+                               optim={"max_steps": 3})
+    assert summary["steps"] == 3 and summary["heldout"]["kd"] > 0
+    assert any("differ by padding only (teacher 96 rows, student 104, tokenizer 96 ids)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_padded_vocab_real_mismatch_is_refused(workspace):
+    """A student smaller than the tokenizer, or one with a tokenizer of its own, is a real mismatch."""
+    from transformers import AutoTokenizer
+
+    from tiny_models import tiny_bert
+    from tiny_tokenizers import word_level_tokenizer
+
+    small = workspace / "student-small-vocab"
+    model = tiny_bert(num_layers=2)
+    model.resize_token_embeddings(90)
+    model.save_pretrained(small)
+    expect_error(workspace, "The tokenizer has 96 tokens but the student only 90 embeddings",
+                 student={"num_layers": None, "path": str(small)})
+    other = workspace / "student-other-tokenizer"
+    model = tiny_bert(num_layers=2)
+    model.resize_token_embeddings(104)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(word_level_tokenizer(workspace / "tok-other", n_words=99, family="bert")) \
+        .save_pretrained(other)
+    expect_error(workspace, "the student's own tokenizer is not the teacher's",
+                 student={"num_layers": None, "path": str(other)})
 
 
 def test_hidden_size_mismatch_with_hidden_loss(workspace):

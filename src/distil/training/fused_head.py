@@ -190,16 +190,19 @@ def _full(tensor):
 
 
 def fused_head_losses(hidden, projection, teacher_hidden, teacher_projection, kd_rows, labels, terms: HeadTerms,
-                      chunk: int = CHUNK_ROWS):
+                      chunk: int = CHUNK_ROWS, vocab_limit: int | None = None):
     """(combined loss, [ce_sum, mse_sum, lm_sum]) over the rows of `hidden` (N, H).
 
     projection / teacher_projection: the models' output Linear layers. kd_rows (N,) bool: rows for the
-    soft-target and MSE terms. labels (N,): the target id of each row, -100 where none.
+    soft-target and MSE terms. labels (N,): the target id of each row, -100 where none. vocab_limit: use only the
+    first ids of both output layers (layers padded to different sizes beyond a shared tokenizer).
     """
-    t_weight = _full(teacher_projection.weight) if teacher_projection is not None else None
+    keep = slice(None) if vocab_limit is None else slice(0, vocab_limit)
+    weight, bias = projection.weight[keep], projection.bias[keep] if projection.bias is not None else None
+    t_weight = _full(teacher_projection.weight)[keep] if teacher_projection is not None else None
     t_bias = _full(teacher_projection.bias) if teacher_projection is not None else None
-    return _FusedHead.apply(hidden, projection.weight, projection.bias, teacher_hidden, t_weight, t_bias,
-                            kd_rows, labels, terms, chunk)
+    t_bias = t_bias[keep] if t_bias is not None else None
+    return _FusedHead.apply(hidden, weight, bias, teacher_hidden, t_weight, t_bias, kd_rows, labels, terms, chunk)
 
 
 def _parent_and_name(model: torch.nn.Module, target: torch.nn.Module):

@@ -64,6 +64,9 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
         with acc.autocast():
             t_logits, t_hidden = forward(objective.teacher, batch, spec.needs_hidden, objective.teacher_norm)
             s_logits, s_hidden = forward(student, batch, spec.needs_hidden, objective.student_norm)
+        if spec.vocab_limit is not None:  # output layers padded differently: the tokenizer's ids only
+            s_logits = s_logits[..., :spec.vocab_limit] if s_logits is not None else None
+            t_logits = t_logits[..., :spec.vocab_limit] if t_logits is not None else None
         values: dict[str, tuple] = {}
         if s_logits is not None:
             values["student_" + own_name] = (own(s_logits, batch.labels), batch.local_targets, 1)

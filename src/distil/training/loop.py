@@ -101,7 +101,7 @@ def train(config: TrainConfig) -> dict:
         check_positions(models, max(int(train_data.lengths.max()), int(heldout.lengths.max()) if heldout else 0),
                         config)
         pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
-        spec = term_spec_from(config, models.objective, pairs)
+        spec = term_spec_from(config, models.objective, pairs, models.vocab_limit)
         vocab_size = models.student.get_input_embeddings().num_embeddings
         masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) \
             if spec.needs_masking else None

@@ -96,6 +96,7 @@ class TermSpec:
     divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.losses.divergences
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    vocab_limit: int | None = None   # teacher and student output layers padded differently: compare these ids only
 
     @property
     def needs_logits(self) -> bool:
@@ -119,14 +120,15 @@ class TermSpec:
         return self.objective == "mlm" and self.needs_logits
 
 
-def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]]) -> TermSpec:
+def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], vocab_limit: int | None = None
+                   ) -> TermSpec:
     loss = config.loss
     alphas = {"ce": loss.alpha_ce, "mlm": loss.alpha_mlm, "clm": loss.alpha_clm, "mse": loss.alpha_mse,
               "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse}
     return TermSpec(weights={k: float(v) for k, v in alphas.items() if v > 0}, temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
                     layer_pairs=list(layer_pairs), divergence=loss.divergence, jsd_beta=float(loss.jsd_beta),
-                    skew_alpha=float(loss.skew_alpha))
+                    skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit)
 
 
 @dataclass
@@ -197,6 +199,9 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
 
     terms: dict[str, tuple] = {}
     w = {k: v for k, v in spec.weights.items() if only is None or k in only}
+    if spec.vocab_limit is not None:  # padding rows of the output layers are no tokens: left out on both sides
+        s_logits = s_logits[..., :spec.vocab_limit] if s_logits is not None else None
+        t_logits = t_logits[..., :spec.vocab_limit] if t_logits is not None else None
     if "ce" in w:
         terms["ce"] = (losses.soft_target_loss(s_logits, t_logits, spec.temperature, kd_rows, spec.divergence,
                                                spec.jsd_beta, spec.skew_alpha), kd_local, kd_step)
@@ -239,7 +244,8 @@ def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projec
                       coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
     hidden = s_states.reshape(-1, s_states.shape[-1])[flat_real]
     teacher = t_states.reshape(-1, t_states.shape[-1])[flat_real] if t_states is not None else None
-    total, sums = fused_head_losses(hidden, s_projection, teacher, t_projection, kd_rows, row_labels, terms)
+    total, sums = fused_head_losses(hidden, s_projection, teacher, t_projection, kd_rows, row_labels, terms,
+                                    vocab_limit=spec.vocab_limit)
     shares = {}
     for index, name, denominator in ((0, "ce", kd_step), (1, "mse", kd_step), (2, lm_name, batch.step_targets)):
         if name in w:

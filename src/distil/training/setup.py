@@ -39,6 +39,7 @@ class Models:
     init_record: dict | None          # distil_init.json of the student, when it was built from teacher layers
     original_dropout: dict            # config dropout values to restore when saving
     objective: str                    # mlm | clm, resolved from loss.objective and the teacher
+    vocab_limit: int | None = None    # output layers padded differently: logit losses on the first vocab_limit ids
 
 
 def _auto_class(objective: str, base: bool = False):
@@ -209,14 +210,16 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 
-    check_vocabularies(teacher.config, student.config, tokenizer, config)
+    vocab_limit = check_vocabularies(teacher.config, student.config, tokenizer, config,
+                                     None if config.student.config else student_dir)
     check_hidden_sizes(teacher.config, student.config, config)
     check_data_matches_tokenizer(config.data.path, tokenizer, teacher.config)
 
     teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
     student_trained = student if wants_logits else student.base_model
     return Models(teacher=teacher_called, teacher_has_head=has_head, student=student, student_trained=student_trained,
-                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout, objective=objective)
+                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout, objective=objective,
+                  vocab_limit=vocab_limit)
 
 
 def _student_config(config: TrainConfig, student_dir: str):
@@ -236,20 +239,40 @@ def _override_dropout(model_config, value: float | None) -> dict:
     return original
 
 
-def check_vocabularies(teacher_config, student_config, tokenizer, config: TrainConfig) -> None:
+def check_vocabularies(teacher_config, student_config, tokenizer, config: TrainConfig,
+                       student_dir: str | None = None) -> int | None:
+    """None when the output layers match; the tokenizer's size when they differ only by padding (both cover every
+    id of the shared tokenizer: soft targets then compare the tokenizer's ids only); else a clear refusal."""
     t, s = vocab_size_of(teacher_config), vocab_size_of(student_config)
-    if t != s:
+    n = len(tokenizer)
+    if n > min(t, s):
+        who = "the teacher" if t < n else "the student"
         raise DistilError(
-            f"The teacher's vocabulary has {t} entries and the student's {s} ({abs(t - s)} {'more' if t > s else 'fewer'} "
-            "in the teacher). Soft targets compare the two distributions id by id, so the vocabularies must match. "
-            "A teacher whose embedding matrix is padded beyond its tokenizer (to a multiple of 8 or 64) is a known "
-            "trap: build the student from the teacher (distil init-student) or resize one model's embeddings."
+            f"The tokenizer has {n} tokens but {who} only {min(t, s)} embeddings: ids above {min(t, s) - 1} would crash. "
+            "Use the tokenizer that belongs to the teacher (teacher.tokenizer), and a student built from the teacher "
+            "(distil init-student) or with a vocabulary at least as large."
         )
-    if len(tokenizer) > t:
+    if t == s:
+        return None
+    if _own_tokenizer_differs(student_dir, tokenizer):
         raise DistilError(
-            f"The tokenizer has {len(tokenizer)} tokens but the models only {t} embeddings: ids above {t - 1} would crash. "
-            "Use the tokenizer that belongs to the teacher (teacher.tokenizer)."
+            f"The teacher's vocabulary has {t} entries and the student's {s}, and the student's own tokenizer is not the "
+            "teacher's: soft targets compare the two distributions id by id, so they need the same tokenizer. Build "
+            "the student from the teacher (distil init-student) or give it the teacher's tokenizer."
         )
+    log.warning("The output layers differ by padding only (teacher %d rows, student %d, tokenizer %d ids): the "
+                "logit losses compare the tokenizer's %d ids; the padding rows are never predicted.", t, s, n, n)
+    return n
+
+
+def _own_tokenizer_differs(student_dir: str | None, tokenizer) -> bool:
+    if not student_dir or not Path(student_dir).is_dir():
+        return False
+    try:
+        own = load_tokenizer(student_dir)
+    except DistilError:
+        return False  # a student without a tokenizer of its own uses the teacher's
+    return shards.vocabulary_fingerprint(own) != shards.vocabulary_fingerprint(tokenizer)
 
 
 def check_hidden_sizes(teacher_config, student_config, config: TrainConfig) -> None:
