@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import signal
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
-from distil.training.parallel import fsdp_requested, make_parallel
+from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.recipe_changes import check_resume_recipe
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
@@ -141,6 +142,7 @@ def train(config: TrainConfig) -> dict:
     window_tokens, window_start = 0, time.perf_counter()
     run_start = time.perf_counter() - elapsed_before
     stopped_early = False
+    held = None
 
     def save(at_step: int) -> None:
         state = {"tokens_seen": tokens_seen, "elapsed_s": time.perf_counter() - run_start,
@@ -188,6 +190,8 @@ def train(config: TrainConfig) -> dict:
                 grad_norm = None
             optimizer.step()
             scheduler.step()
+            if held is None:  # after the first update, when parameters, gradients and optimizer state all exist
+                held = held_megabytes(models, optimizer)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += step_tokens
@@ -219,6 +223,10 @@ def train(config: TrainConfig) -> dict:
     bar.close()
     summary = {"run_dir": str(run_dir), "steps": step, "total_steps": total_steps, "tokens_seen": tokens_seen,
                "stopped_early": stopped_early}
+    if held is not None:
+        held["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info("process %d holds %s", rank, ", ".join(f"{k} {v:,.0f}" for k, v in held.items()))
+        summary["memory"] = held
     if stopped_early:  # a process that saw no signal itself was stopped by another's
         summary["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
     if stopped_early:

@@ -93,6 +93,9 @@ class FullyShardedDataParallel:
         _shard(trained, mixed, reshard_after_forward=True)
         if self.config.teacher.fsdp == "shard":
             _shard(models.teacher, mixed, reshard_after_forward=True)
+        # Loaded on the host (setup.load_models): only each process's shards move to its device.
+        for model in {id(m): m for m in (models.student, models.teacher)}.values():
+            model.to(self.acc.device)
         log.info("FSDP: student%s sharded over %d processes (each block, then the root)",
                  " and teacher" if self.config.teacher.fsdp == "shard" else "", self.acc.num_processes)
         return trained, build_optimizer(trained)
@@ -143,6 +146,25 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
             tied.add(name)
         seen.setdefault(id(param), name)
     return tied
+
+
+def held_megabytes(models, optimizer) -> dict[str, float]:
+    """What this process holds of the models' state (its shards under FSDP): teacher and student parameters, the
+    student's gradients and its optimizer state, in MB."""
+    def local(tensor) -> int:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return tensor.numel() * tensor.element_size()
+
+    def unique(module):
+        return {id(p): p for p in module.parameters()}.values()
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    student = list(unique(models.student))
+    return {"teacher_parameters_mb": sum(local(p) for p in unique(models.teacher)) / 2**20,
+            "student_parameters_mb": sum(local(p) for p in student) / 2**20,
+            "student_gradients_mb": sum(local(p.grad) for p in student if p.grad is not None) / 2**20,
+            "optimizer_state_mb": state / 2**20}
 
 
 def make_parallel(acc, config):

@@ -191,7 +191,9 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
             "loss.alpha_mse to 0 and use hidden-state losses (loss.alpha_cos, loss.alpha_hidden_mse), or fit a head first."
         )
     teacher.eval().requires_grad_(False)
-    teacher.to(device)
+    # Under FSDP the models are sharded on the host and only each process's shards go to the device.
+    placement = torch.device("cpu") if config.run.fsdp else device
+    teacher.to(placement)
 
     student_cfg = _student_config(config, student_dir)
     original_dropout = _override_dropout(student_cfg, config.run.dropout)
@@ -202,7 +204,7 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     else:
         student, _ = load_model(student_dir, _auto_class(objective), config=student_cfg, dtype=torch.float32)
     student.train()
-    student.to(device)
+    student.to(placement)
 
     init_record = None
     # A student from random weights has no teacher layers, whatever sits beside its config.
