@@ -8,7 +8,7 @@ import torch
 
 from distil.losses import DIVERGENCES, divergence_sum, soft_target_kl, soft_target_loss
 from distil.training.objective import TermSpec
-from test_fused_head import batch_for, fused, plain
+from test_fused_head import assert_fused_equals_plain, batch_for
 from tiny_models import tiny_bert, tiny_llama
 
 # Teacher p = (1/2, 1/2), student q = (3/4, 1/4) (logits (0, 0) and (ln 3, 0)), temperature 1.
@@ -81,18 +81,7 @@ def test_divergence_fused_head_equals_plain(kind, family, objective, restrict):
         teacher.get_output_embeddings().weight.mul_(4.0)
     spec = TermSpec(weights={"ce": 5.0, "mse": 0.3, objective: 2.0}, temperature=2.0, objective=objective,
                     restrict_ce_to_mask=restrict, layer_pairs=[], divergence=kind, jsd_beta=0.3, skew_alpha=0.2)
-    batch = batch_for(objective)
-    student.zero_grad()
-    total_plain, shares_plain = plain(spec, batch, student, teacher)
-    total_plain.backward()
-    grads_plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    student.zero_grad()
-    total_fused, shares_fused = fused(spec, batch, student, teacher)
-    total_fused.backward()
-    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
-    assert shares_fused["ce"].item() == pytest.approx(shares_plain["ce"].item(), rel=1e-5)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(dict(student.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_fused_equals_plain(spec, batch_for(objective), student, teacher)
 
 
 def test_divergence_recipe_key_is_validated_and_trains(tmp_path):
@@ -124,16 +113,6 @@ def test_padded_vocab_fused_head_equals_plain_on_the_shared_ids(kind):
         teacher.get_output_embeddings().weight.mul_(4.0)
     spec = TermSpec(weights={"ce": 5.0, "mse": 0.3, "clm": 2.0}, temperature=2.0, objective="clm",
                     restrict_ce_to_mask=False, layer_pairs=[], divergence=kind, vocab_limit=96)
-    batch = batch_for("clm")
-    student.zero_grad()
-    total_plain, _ = plain(spec, batch, student, teacher)
-    total_plain.backward()
-    grads_plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    student.zero_grad()
-    total_fused, _ = fused(spec, batch, student, teacher)
-    total_fused.backward()
-    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
-    for name, grad in grads_plain.items():
-        torch.testing.assert_close(dict(student.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
-    # The padding rows of the student's output layer get no gradient: they are never predicted.
+    assert_fused_equals_plain(spec, batch_for("clm"), student, teacher)
+    # The padding rows of the student's output layer get no gradient (the fused run's): they are never predicted.
     assert student.get_output_embeddings().weight.grad[96:].abs().max() == 0

@@ -45,6 +45,23 @@ def fused(spec, batch, student, teacher):
     return total, shares
 
 
+def assert_fused_equals_plain(spec, batch, student, teacher):
+    """The fused head and the plain losses agree: total, every term's share, and every gradient."""
+    results = []
+    for run in (plain, fused):
+        student.zero_grad()
+        total, shares = run(spec, batch, student, teacher)
+        total.backward()
+        results.append((total, shares, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (total_plain, shares_plain, grads_plain), (total_fused, shares_fused, grads_fused) = results
+    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
+    for name in spec.weights:
+        assert shares_fused[name].item() == pytest.approx(shares_plain[name].item(), rel=1e-5, abs=1e-7), name
+    assert grads_fused.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("family,objective,restrict", [
     ("bert", "mlm", False), ("bert", "mlm", True), ("roberta", "mlm", False), ("gpt2", "clm", False),
     ("llama", "clm", False),
@@ -60,22 +77,7 @@ def test_fused_equals_plain(family, objective, restrict):
                     layer_pairs=[])
     batch = batch_for(objective)
 
-    student.zero_grad()
-    total_plain, shares_plain = plain(spec, batch, student, teacher)
-    total_plain.backward()
-    grads_plain = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    student.zero_grad()
-    total_fused, shares_fused = fused(spec, batch, student, teacher)
-    total_fused.backward()
-    grads_fused = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    assert total_fused.item() == pytest.approx(total_plain.item(), rel=1e-5)
-    for name in weights:
-        assert shares_fused[name].item() == pytest.approx(shares_plain[name].item(), rel=1e-5, abs=1e-7), name
-    assert grads_fused.keys() == grads_plain.keys()
-    for name in grads_plain:
-        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_fused_equals_plain(spec, batch, student, teacher)
     # The model is whole again afterwards.
     assert output_projection(student) is not None and isinstance(student.get_output_embeddings(), torch.nn.Linear)
 

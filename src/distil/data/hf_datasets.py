@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from distil.data.textfiles import ReadStats
+from distil.data.textfiles import ReadStats, record_bad
 from distil.errors import DistilError
 from distil.loading import first_line
 
@@ -166,15 +166,8 @@ def _describe(value) -> str:
 
 
 def _bad_row(stats: ReadStats, skip: bool, opened: OpenedDataset, row: int, problem: str) -> None:
-    where = f"Row {row} (counting from 0) of the {opened.label}"
-    if not skip:
-        raise DistilError(
-            f"{where} {problem}. Nothing was written. Fix the data, or pass --skip-bad-lines to skip such rows "
-            "(they are counted and reported)."
-        )
-    stats.bad += 1
-    if len(stats.bad_examples) < 5:
-        stats.bad_examples.append(f"{where} {problem}")
+    record_bad(stats, skip, f"Row {row} (counting from 0) of the {opened.label}", problem,
+               "Fix the data, or pass --skip-bad-lines to skip such rows")
 
 
 def _check_text_column(datasets, opened: OpenedDataset, text_field: str) -> None:

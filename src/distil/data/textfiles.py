@@ -176,14 +176,16 @@ def _lines_before_damage(path: Path) -> int:
 
 
 def _bad_line(stats: ReadStats, skip: bool, path: Path, lineno: int, problem: str, remedy: str) -> None:
+    record_bad(stats, skip, f"{path}:{lineno}", problem, f"{remedy} pass --skip-bad-lines to skip such lines")
+
+
+def record_bad(stats: ReadStats, skip: bool, where: str, problem: str, remedy: str) -> None:
+    """Stop at a bad line or row, or (with --skip-bad-lines) count it and keep the first few for the report."""
     if not skip:
-        raise DistilError(
-            f"{path}:{lineno} {problem}. Nothing was written. {remedy} pass --skip-bad-lines to skip such "
-            "lines (they are counted and reported)."
-        )
+        raise DistilError(f"{where} {problem}. Nothing was written. {remedy} (they are counted and reported).")
     stats.bad += 1
     if len(stats.bad_examples) < 5:
-        stats.bad_examples.append(f"{path}:{lineno} {problem}")
+        stats.bad_examples.append(f"{where} {problem}")
 
 
 def input_size(paths: list[Path]) -> int:

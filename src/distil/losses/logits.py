@@ -25,19 +25,7 @@ def soft_target_kl(
     The T**2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
     Computed in float32 whatever the input dtype.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    check_pair(student_logits, teacher_logits, "logits")
-    student = select_rows(student_logits, mask)
-    teacher = select_rows(teacher_logits, mask)
-    n_rows = student.shape[0]
-    if n_rows == 0:
-        return zero_like_graph(student)
-    student_log_probs = F.log_softmax(student.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher.float() / temperature, dim=-1)
-    # log_target=True: exp(t) * (t - s) is exact where the teacher probability underflows to 0.
-    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
-    return kl / n_rows * (temperature**2)
+    return soft_target_loss(student_logits, teacher_logits, temperature, mask, "forward_kl")
 
 
 def soft_target_loss(
