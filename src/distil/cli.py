@@ -93,6 +93,22 @@ def _add_init_student(sub) -> None:
     p.add_argument("--architecture", choices=["auto", "distilbert", "same"], default="auto",
                    help="student architecture: auto (DistilBERT for BERT teachers, else the teacher's own), "
                         "distilbert, or same (default auto)")
+    width = p.add_argument_group(
+        "width pruning", "Minitron-style: keep the embedding channels, heads and FFN neurons most active on calibration "
+        "data (BERT/DistilBERT, RoBERTa, Llama-family); combines with --layers / --num-layers")
+    width.add_argument("--hidden-size", type=int, default=None,
+                       help="embedding channels to keep (default: the teacher's hidden size)")
+    width.add_argument("--intermediate-size", type=int, default=None,
+                       help="FFN neurons to keep in every layer (default: the teacher's)")
+    width.add_argument("--num-heads", type=int, default=None,
+                       help="attention heads to keep in every layer; grouped-query teachers keep whole key/value groups. "
+                            "BERT-style students need hidden size = heads x the teacher's head size "
+                            "(default there: hidden size / head size; elsewhere the teacher's)")
+    width.add_argument("--calibration-data", default=None,
+                       help="directory written by `distil prepare` with the teacher's tokenizer; its train sequences "
+                            "rank what to keep (required for width pruning)")
+    width.add_argument("--calibration-sequences", type=int, default=256,
+                       help="calibration sequences, spread evenly over the train split (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
 
 
@@ -306,6 +322,8 @@ def run(args: argparse.Namespace) -> int | None:
         init_student(
             teacher=args.teacher, output_dir=args.output_dir, layers=args.layers, num_layers=args.num_layers,
             architecture=args.architecture, overwrite=args.overwrite, tokenizer=args.tokenizer,
+            hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
+            calibration_data=args.calibration_data, calibration_sequences=args.calibration_sequences,
         )
     elif args.command == "train":
         from distil.config import load_config

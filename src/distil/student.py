@@ -111,10 +111,17 @@ def init_student(
     architecture: str = "auto",
     overwrite: bool = False,
     tokenizer: str | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_heads: int | None = None,
+    calibration_data: str | None = None,
+    calibration_sequences: int = 256,
 ) -> dict:
     """Write a student built from teacher layers to `output_dir` and return a summary of what was made.
 
-    The student gets the teacher's tokenizer, or `tokenizer` (a directory or hub id) for a teacher saved without one."""
+    The student gets the teacher's tokenizer, or `tokenizer` (a directory or hub id) for a teacher saved without one.
+    `hidden_size`, `intermediate_size` and `num_heads` prune the width too (distil.pruning), ranking channels, heads
+    and neurons by their activations on `calibration_sequences` sequences of the prepared `calibration_data`."""
     start = time.perf_counter()
     if architecture not in ARCHITECTURES:
         raise DistilError(f"Unknown student architecture {architecture!r}. Choose one of {', '.join(ARCHITECTURES)}.")
@@ -127,6 +134,7 @@ def init_student(
         )
     arch = _resolve_architecture(config, architecture)
     chosen = resolve_layers(num_teacher_layers, layers, num_layers)
+    width = _resolve_width(config, hidden_size, intermediate_size, num_heads, calibration_data)
     _refuse_output_over_teacher(teacher, output_dir)  # first: its message says more than check_output_dir's
     check_output_dir(output_dir, overwrite)  # fail before the slow load; atomic_output_dir checks again
 
@@ -141,6 +149,12 @@ def init_student(
         student = bert_to_distilbert(model, chosen)
     else:
         student = same_architecture_student(model, chosen)
+    pruning_record = None
+    if width is not None:
+        from distil.pruning import width_prune
+
+        logger.info("Measuring activation importance on %s for width pruning", calibration_data)
+        student, pruning_record = width_prune(student, calibration_data, calibration_sequences, width)
 
     meta = {
         "teacher": teacher,
@@ -150,6 +164,8 @@ def init_student(
         "architecture": arch,
         "teacher_had_lm_head": had_head,
     }
+    if pruning_record is not None:
+        meta["width_pruning"] = pruning_record
     with atomic_output_dir(output_dir, overwrite, command="init-student") as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
@@ -165,15 +181,48 @@ def init_student(
         "student_model_type": student.config.model_type,
         "params": {"teacher": teacher_params, "student": student_params},
         "teacher_had_lm_head": had_head,
+        "width": None if width is None else {"hidden_size": width.hidden_size, "intermediate_size": width.intermediate_size,
+                                             "num_heads": width.num_heads, "num_key_value_heads": width.num_key_value_heads},
         "output_dir": str(output_dir),
         "seconds": round(seconds, 2),
     }
     print(
         f"Student written to {output_dir}: {student.config.model_type} with {len(chosen)} of {num_teacher_layers} "
-        f"teacher layers {chosen}; parameters {teacher_params / 1e6:.2f}M -> {student_params / 1e6:.2f}M "
+        f"teacher layers {chosen}{_width_note(width)}; parameters {teacher_params / 1e6:.2f}M -> {student_params / 1e6:.2f}M "
         f"({student_params / teacher_params:.0%}); {seconds:.1f}s."
     )
     return summary
+
+
+def _width_note(width) -> str:
+    if width is None:
+        return ""
+    return (f", width pruned to hidden {width.hidden_size}, {width.num_heads} heads "
+            f"({width.num_key_value_heads} key/value), FFN {width.intermediate_size}")
+
+
+def _resolve_width(config, hidden_size, intermediate_size, num_heads, calibration_data):
+    """The checked width request (distil.pruning.WidthSizes), or None when only layers are chosen."""
+    if hidden_size is None and intermediate_size is None and num_heads is None:
+        if calibration_data is not None:
+            raise DistilError(
+                "Calibration data (--calibration-data) is only used for width pruning, and no width was asked for. "
+                "Add --hidden-size, --intermediate-size and/or --num-heads, or leave out --calibration-data."
+            )
+        return None
+    from distil.pruning import resolve_sizes
+
+    sizes = resolve_sizes(config, hidden_size, intermediate_size, num_heads)
+    if calibration_data is None:
+        raise DistilError(
+            "Width pruning (--hidden-size, --intermediate-size, --num-heads) ranks channels, heads and neurons by "
+            "their activations, so it needs calibration text. Give --calibration-data DIR, a directory written by "
+            "`distil prepare` with the teacher's tokenizer."
+        )
+    from distil.data.shards import read_manifest
+
+    read_manifest(calibration_data)  # fail before the slow load
+    return sizes
 
 
 def _resolve_architecture(config, architecture: str) -> str:
