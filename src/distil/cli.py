@@ -250,6 +250,26 @@ def _add_report(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds a report")
 
 
+def _add_fit_head(sub) -> None:
+    p = sub.add_parser(
+        "fit-head",
+        help="train a fresh MLM head on a headless encoder (frozen), so that it can teach with soft targets",
+        description="Sentence encoders such as all-MiniLM-L6-v2 ship without an MLM head, so only hidden-state losses "
+                    "can distil them. fit-head trains a new head on the frozen encoder with the masked-LM loss on "
+                    "prepared data and writes the encoder with its head, usable as teacher.path. The encoder is not "
+                    "changed. Reports held-out masked-token accuracy before and after.",
+    )
+    p.add_argument("teacher", help="encoder directory, python:PACKAGE/path or hub id")
+    p.add_argument("--data", required=True, help="directory written by `distil prepare` with the teacher's tokenizer "
+                                                 "(with a held-out split)")
+    p.add_argument("--output-dir", "-o", required=True, help="where to write the teacher with its fitted head")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches, masks and the head's initialisation")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier fit-head output")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -299,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser._task_parser = _add_task(sub)  # type: ignore[attr-defined]
     _add_evaluate(sub)
     _add_report(sub)
+    _add_fit_head(sub)
     _add_demo(sub)
     return parser
 
@@ -378,6 +399,11 @@ def run(args: argparse.Namespace) -> int | None:
         from distil.report import report
 
         report(args.runs, args.output_dir, evaluation=args.evaluation, overwrite=args.overwrite)
+    elif args.command == "fit-head":
+        from distil.fit_head import fit_head
+
+        fit_head(args.teacher, args.data, args.output_dir, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                 seed=args.seed, overwrite=args.overwrite)
     elif args.command == "demo":
         from distil.demo import run_demo
 

@@ -55,6 +55,13 @@ class LossConfig:
     alpha_cos: float = 0.0              # cosine distance between hidden states (see hidden_layers)
     alpha_hidden_mse: float = 0.0       # MSE between hidden states (see hidden_layers)
     hidden_layers: Any = "mapped"       # "last" | "mapped" | [[student_layer, teacher_layer], ...] (0 = embeddings)
+    alpha_relation: float = 0.0         # MiniLMv2 self-attention relations (Q-Q, K-K, V-V KL); widths may differ
+    relation_layers: Any = None         # [student_layer, teacher_layer] (1-based blocks); None: student's last vs the
+                                        # teacher's last, or its layer round(0.75 n) when it is >= 2x as deep
+    relation_heads: int | None = None   # relation heads Q/K/V are re-split into; None: the teacher's head count
+    alpha_attention: float = 0.0        # TinyBERT attention maps of mapped layers (same head counts only)
+    attention_layers: Any = None        # [[student_layer, teacher_layer], ...] (1-based); None: hidden_layers' pairs
+    attention_loss: str = "kl"          # kl (KL(teacher || student) per query row) | mse (squared error over keys)
     restrict_ce_to_mask: bool = False   # soft-target loss only on masked positions (MLM)
     mlm_probability: float = 0.15
     mlm_smoothing: float = 0.7          # masking probability of a token ~ count^-smoothing (rare tokens favoured)
@@ -293,7 +300,8 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"student.architecture must be auto, distilbert or same, got {s.architecture!r}.")
 
     loss = config.loss
-    alphas = {k: getattr(loss, k) for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse")}
+    alphas = {k: getattr(loss, k) for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse",
+                                            "alpha_relation", "alpha_attention")}
     negative = {k: v for k, v in alphas.items() if v < 0}
     if negative:
         raise DistilError(f"Loss weights must be >= 0; the recipe has {negative}.")
@@ -318,6 +326,24 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(
             f"loss.hidden_layers must be 'last', 'mapped' or a list of [student_layer, teacher_layer] pairs, got {loss.hidden_layers!r}."
         )
+    if loss.relation_layers is not None and not (_is_block_pair(loss.relation_layers)
+                                                 or _is_layer_pairs(loss.relation_layers, first=1)):
+        raise DistilError(
+            f"loss.relation_layers must be one [student_layer, teacher_layer] pair of layers counted from 1 (layer i is "
+            f"block i; the embeddings have no attention), or a list of such pairs; got {loss.relation_layers!r}. "
+            "Leave it unset for the default (the student's last layer against the teacher's last, or its upper-middle "
+            "layer when the teacher is at least twice as deep)."
+        )
+    if loss.attention_layers is not None and not _is_layer_pairs(loss.attention_layers, first=1):
+        raise DistilError(
+            f"loss.attention_layers must be a list of [student_layer, teacher_layer] pairs of layers counted from 1, "
+            f"got {loss.attention_layers!r}. Leave it unset to use the pairs of loss.hidden_layers."
+        )
+    if loss.relation_heads is not None and loss.relation_heads < 1:
+        raise DistilError(f"loss.relation_heads must be at least 1, got {loss.relation_heads} (unset: the teacher's "
+                          "head count).")
+    if loss.attention_loss not in ("kl", "mse"):
+        raise DistilError(f"loss.attention_loss must be kl or mse, got {loss.attention_loss!r}.")
     if loss.objective not in ("auto", "mlm", "clm"):
         raise DistilError(f"loss.objective must be auto, mlm or clm, got {loss.objective!r} (auto: masked-LM for encoder "
                           "teachers such as BERT, causal-LM for decoders such as GPT-2 and Llama).")
@@ -367,11 +393,14 @@ def validate(config: TrainConfig) -> None:
             raise DistilError(f"run.{name} must be positive, got {getattr(r, name)}.")
 
 
-def _is_layer_pairs(value) -> bool:
-    return (
-        isinstance(value, list) and len(value) > 0
-        and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
-    )
+def _is_layer_pairs(value, first: int = 0) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(_is_block_pair(p, first) for p in value)
+
+
+def _is_block_pair(value, first: int = 1) -> bool:
+    """[student_layer, teacher_layer], both integers >= first."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= first for i in value))
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:

@@ -11,6 +11,7 @@ what one process with batch N*A*B computes (tested, dropout off).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +20,13 @@ import torch
 from distil import losses
 from distil.data.dataset import pad_batch
 from distil.data.masking import MLMMasker, causal_lm_labels
+from distil.training.attention_capture import (Captured, captured_attention, check_attention_terms_of_spec,
+                                               default_relation_layers, head_count, recipe_pairs)
 from distil.training.fused_head import HeadTerms, fused_head_losses, projection_replaced
 
 LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
 HIDDEN_TERMS = ("cos", "hidden_mse")
+ATTENTION_TERMS = ("relation", "attention")  # on self-attention, captured by hooks (see attention_capture)
 # Attributes under which `transformers` base models keep the norm applied after their last block.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
@@ -97,6 +101,11 @@ class TermSpec:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     vocab_limit: int | None = None   # teacher and student output layers padded differently: compare these ids only
+    # Self-attention terms (1-based layers). None: resolved against the models when the Objective is built.
+    relation_pairs: list[tuple[int, int]] | None = None    # (student layer, teacher layer) of the relation term
+    relation_heads: int | None = None                      # None: the teacher's head count
+    attention_pairs: list[tuple[int, int]] | None = None   # None: layer_pairs without the embeddings
+    attention_loss: str = "kl"                             # kl | mse between attention maps
 
     @property
     def needs_logits(self) -> bool:
@@ -111,8 +120,23 @@ class TermSpec:
         return any(t in self.weights for t in HIDDEN_TERMS)
 
     @property
+    def needs_relations(self) -> bool:
+        return "relation" in self.weights
+
+    @property
+    def needs_attention_maps(self) -> bool:
+        return "attention" in self.weights
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.needs_teacher_logits or self.needs_hidden
+        return self.needs_teacher_logits or self.needs_hidden or self.needs_relations or self.needs_attention_maps
+
+    def captured_layers(self, side: int) -> tuple[set[int], set[int]]:
+        """(layers whose Q/K/V are captured, layers whose attention maps are captured) of the student (side 0)
+        or the teacher (side 1)."""
+        relations = {p[side] for p in self.relation_pairs or ()} if self.needs_relations else set()
+        maps = {p[side] for p in self.attention_pairs or ()} if self.needs_attention_maps else set()
+        return relations, maps
 
     @property
     def needs_masking(self) -> bool:
@@ -124,11 +148,30 @@ def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], v
                    ) -> TermSpec:
     loss = config.loss
     alphas = {"ce": loss.alpha_ce, "mlm": loss.alpha_mlm, "clm": loss.alpha_clm, "mse": loss.alpha_mse,
-              "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse}
+              "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse, "relation": loss.alpha_relation,
+              "attention": loss.alpha_attention}
     return TermSpec(weights={k: float(v) for k, v in alphas.items() if v > 0}, temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
                     layer_pairs=list(layer_pairs), divergence=loss.divergence, jsd_beta=float(loss.jsd_beta),
-                    skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit)
+                    skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit,
+                    relation_pairs=recipe_pairs(loss.relation_layers), relation_heads=loss.relation_heads,
+                    attention_pairs=recipe_pairs(loss.attention_layers),
+                    attention_loss=loss.attention_loss)
+
+
+def with_attention_defaults(spec: TermSpec, student: torch.nn.Module, teacher: torch.nn.Module) -> TermSpec:
+    """The spec with the self-attention settings left to the models filled in (default relation layer, the
+    teacher's head count, the hidden-layer mapping for attention maps), checked against both models."""
+    if not (spec.needs_relations or spec.needs_attention_maps):
+        return spec
+    n_s, n_t = int(student.config.num_hidden_layers), int(teacher.config.num_hidden_layers)
+    resolved = dataclasses.replace(
+        spec,
+        relation_pairs=spec.relation_pairs or default_relation_layers(n_s, n_t),
+        relation_heads=spec.relation_heads or head_count(teacher.config),
+        attention_pairs=spec.attention_pairs or [(s, t) for s, t in spec.layer_pairs if s > 0 and t > 0])
+    check_attention_terms_of_spec(resolved, student, teacher)
+    return resolved
 
 
 @dataclass
@@ -184,9 +227,11 @@ def forward(model, batch: Batch, want_hidden: bool, final_norm: torch.nn.Module 
 
 
 def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates | None, t_logits,
-                  t_hidden: HiddenStates | None, only: tuple[str, ...] | None = None) -> dict[str, tuple]:
+                  t_hidden: HiddenStates | None, only: tuple[str, ...] | None = None,
+                  s_attention: Captured | None = None, t_attention: Captured | None = None) -> dict[str, tuple]:
     """Each term as (local mean, local count, step count): the mean over this process's rows and the counts
-    that turn it into this micro-batch's share of the step's mean. `only` limits the terms computed."""
+    that turn it into this micro-batch's share of the step's mean. `only` limits the terms computed.
+    `*_attention`: what the self-attention terms need, captured during the forwards (captured_attention)."""
     real = batch.attention_mask.bool()
     if spec.objective == "clm":
         predicted = torch.zeros_like(real)
@@ -215,6 +260,15 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
         if name in w:
             per_pair = [fn(*s_hidden.pair_with(t_hidden, s, t), real) for s, t in spec.layer_pairs]
             terms[name] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
+    causal = spec.objective == "clm"
+    if "relation" in w:
+        per_pair = [losses.relation_loss(s_attention.qkv[s], t_attention.qkv[t], real, spec.relation_heads, causal)
+                    for s, t in spec.relation_pairs]
+        terms["relation"] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
+    if "attention" in w:
+        per_pair = [losses.attention_map_loss(s_attention.maps[s], t_attention.maps[t], real, spec.attention_loss,
+                                              causal) for s, t in spec.attention_pairs]
+        terms["attention"] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
     return terms
 
 
@@ -267,12 +321,13 @@ class Objective:
     """The weighted loss of one micro-batch, as its share of the optimizer step's mean.
 
     Runs the frozen teacher without gradients and the student with them, through the fused output layer
-    (`fused` = (student projection, teacher projection or None)) when there is one.
+    (`fused` = (student projection, teacher projection or None)) when there is one. The self-attention terms
+    (relation, attention) read what hooks capture during the same two forwards, in either path.
     """
 
     def __init__(self, spec: TermSpec, teacher: torch.nn.Module, student: torch.nn.Module, fused: tuple | None,
                  autocast):
-        self.spec = spec
+        self.spec = with_attention_defaults(spec, student, teacher)
         self.teacher = teacher
         self.student = student
         self.fused = fused
@@ -284,12 +339,14 @@ class Objective:
         """(differentiable weighted share of the step loss, {term: detached share})."""
         spec = self.spec
         if self.fused is None:
-            t_logits, t_hidden = self.teacher_outputs(batch)
-            s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
-            shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+            t_logits, t_hidden, t_attention = self.teacher_outputs(batch)
+            with captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
+                s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
+            shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden,
+                                              s_attention=s_attention, t_attention=t_attention))
             return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
         s_proj, t_proj = self.fused
-        t_states, t_hidden = self.teacher_outputs(batch, states_only=t_proj is not None)
+        t_states, t_hidden, t_attention = self.teacher_outputs(batch, states_only=t_proj is not None)
         logit_shares: dict = {}
 
         def fused_head(states):  # runs where the student calls its output layer, inside its forward
@@ -298,24 +355,28 @@ class Objective:
             logit_shares.update(shares)
             return total
 
-        with projection_replaced(s_proj, fused_head):
+        with projection_replaced(s_proj, fused_head), \
+                captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
             total, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
         shares = dict(logit_shares)
-        if spec.needs_hidden:
-            hidden = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=HIDDEN_TERMS))
-            total = total + weighted_total(hidden, spec.weights)
-            shares.update({k: v.detach() for k, v in hidden.items()})
+        others = [t for t in HIDDEN_TERMS + ATTENTION_TERMS if t in spec.weights]
+        if others:
+            rest = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=tuple(others),
+                                            s_attention=s_attention, t_attention=t_attention))
+            total = total + weighted_total(rest, spec.weights)
+            shares.update({k: v.detach() for k, v in rest.items()})
         return total, shares
 
     @torch.no_grad()  # no_grad, not inference_mode: teacher outputs feed the loss, whose backward saves them
     def teacher_outputs(self, batch: Batch, states_only: bool = False):
-        """(logits, or the states that enter the output layer when `states_only`; HiddenStates or None).
-        A student-only baseline (alpha_mlm alone) runs no teacher."""
+        """(logits, or the states that enter the output layer when `states_only`; HiddenStates or None;
+        Captured self-attention). A student-only baseline (alpha_mlm alone) runs no teacher."""
         if not self.spec.needs_teacher:
-            return None, None
+            return None, None, None
         with self.autocast():
             t_proj = self.fused[1] if states_only else None
             replaced = projection_replaced(t_proj, lambda states: states) if t_proj is not None \
                 else contextlib.nullcontext()
-            with replaced:
-                return forward(self.teacher, batch, self.spec.needs_hidden, self.teacher_norm)
+            with replaced, captured_attention(self.teacher, *self.spec.captured_layers(1)) as captured:
+                logits, hidden = forward(self.teacher, batch, self.spec.needs_hidden, self.teacher_norm)
+            return logits, hidden, captured

@@ -24,6 +24,7 @@ from distil.data import shards
 from distil.data.masking import MLMMasker, mask_probabilities
 from distil.errors import DistilError
 from distil.loading import hidden_size_of, load_config, load_model, load_tokenizer, vocab_size_of
+from distil.training.attention_capture import check_attention_terms, use_eager_attention
 from distil.training.fused_head import output_projection
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,10 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     vocab_limit = check_vocabularies(teacher.config, student.config, tokenizer, config,
                                      None if config.student.config else student_dir)
     check_hidden_sizes(teacher.config, student.config, config)
+    check_attention_terms(teacher, student, config.loss)
+    if loss.alpha_attention > 0:  # only eager attention returns the probabilities (see attention_capture)
+        use_eager_attention(teacher)
+        use_eager_attention(student)
     check_data_matches_tokenizer(config.data.path, tokenizer, teacher.config)
 
     teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
