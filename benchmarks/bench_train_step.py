@@ -101,7 +101,7 @@ def write_recipe(path: Path, teacher: Path, student: Path, data: Path, steps: in
         "loss": {"temperature": 2.0, "alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "hidden_layers": "last"},
         "optim": {"max_steps": steps},
         "run": {"seed": RUN_SEED, "mixed_precision": "no", "log_every": 10, "eval_every": 0, "checkpoint_every": 0,
-                "tensorboard": False, "progress": False, "overwrite": True},
+                "report_to": [], "progress": False, "overwrite": True},
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
