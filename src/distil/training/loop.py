@@ -168,8 +168,8 @@ def train(config: TrainConfig) -> dict:
                         loss, shares = objective(trained_wrapped, batch)
                     except torch.OutOfMemoryError:
                         raise DistilError(_oom_message(config, models, step)) from None
-                    # Each share is already this micro-batch's part of the step mean; DDP averages gradients
-                    # over processes, so scale by the process count to get their sum.
+                    # Each share is already this micro-batch's part of the step mean; DDP and FSDP average
+                    # gradients over processes, so scale by the process count to get their sum.
                     acc.backward(loss * world)
                 step_values += torch.stack([shares[n].float() for n in term_names])
             step_tokens = micro_batches[0].step_tokens
@@ -229,7 +229,6 @@ def train(config: TrainConfig) -> dict:
         summary["memory"] = held
     if stopped_early:  # a process that saw no signal itself was stopped by another's
         summary["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
-    if stopped_early:
         metrics.close()
         return summary
     final_eval = heldout_metrics() if heldout is not None else {}
