@@ -16,7 +16,9 @@ import torch
 
 from distil import losses
 from distil.data.dataset import TokenSequences
-from distil.training.objective import HIDDEN_TERMS, Objective, build_step, compute_terms, forward, step_share
+from distil.training.attention_capture import captured_attention
+from distil.training.objective import (ATTENTION_TERMS, HIDDEN_TERMS, Objective, build_step, compute_terms, forward,
+                                       step_share)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
     student.eval()
     generator = torch.Generator(device=device)
     own_name = spec.objective
-    names = ["student_" + own_name, "teacher_" + own_name, "kd"] + [h for h in HIDDEN_TERMS if h in spec.weights]
+    # The recipe's hidden-state and self-attention terms, measured the same way as in training.
+    representation = tuple(t for t in HIDDEN_TERMS + ATTENTION_TERMS if t in spec.weights)
+    names = ["student_" + own_name, "teacher_" + own_name, "kd"] + list(representation)
     # Sums of token-weighted values and of the counts they are weighted by, reduced over processes at the end.
     sums = torch.zeros(len(names), device=device)
     counts = torch.zeros(len(names), device=device)
@@ -62,8 +66,10 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
                 forward(student, stand_in, spec.needs_hidden, objective.student_norm)
             continue  # this process has no row of a small final batch
         with acc.autocast():
-            t_logits, t_hidden = forward(objective.teacher, batch, spec.needs_hidden, objective.teacher_norm)
-            s_logits, s_hidden = forward(student, batch, spec.needs_hidden, objective.student_norm)
+            with captured_attention(objective.teacher, *spec.captured_layers(1)) as t_attention:
+                t_logits, t_hidden = forward(objective.teacher, batch, spec.needs_hidden, objective.teacher_norm)
+            with captured_attention(objective.student, *spec.captured_layers(0)) as s_attention:
+                s_logits, s_hidden = forward(student, batch, spec.needs_hidden, objective.student_norm)
         if spec.vocab_limit is not None:  # output layers padded differently: the tokenizer's ids only
             s_logits = s_logits[..., :spec.vocab_limit] if s_logits is not None else None
             t_logits = t_logits[..., :spec.vocab_limit] if t_logits is not None else None
@@ -75,9 +81,10 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
         if s_logits is not None and t_logits is not None:
             values["kd"] = (losses.soft_target_kl(s_logits, t_logits, spec.temperature, batch.attention_mask.bool()),
                             batch.local_tokens, 1)
-        if spec.needs_hidden:
-            hidden = compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden, only=HIDDEN_TERMS)
-            values.update({k: (mean, local, 1) for k, (mean, local, _) in hidden.items()})
+        if representation:
+            terms = compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden, only=representation,
+                                  s_attention=s_attention, t_attention=t_attention)
+            values.update({k: (mean, local, 1) for k, (mean, local, _) in terms.items()})
         weighted = step_share(values)  # mean x local count: a sum over this process's rows
         for i, name in enumerate(names):
             if name in weighted:
