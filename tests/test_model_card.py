@@ -48,6 +48,9 @@ def test_model_card_base_model_for_hub_teachers():
     meta = ModelCard(text).data.to_dict()
     assert meta["base_model"] == "bert-base-uncased" and meta["pipeline_tag"] == "feature-extraction"
     assert meta["datasets"] == ["wikipedia"]
+    relations = student_card(teacher="./local", objective="mlm", has_lm_head=False, weights={"relation": 1.0},
+                             temperature=2.0, recipe={}, steps=1, tokens_seen=1, n_parameters=1, heldout={})
+    assert "self-attention relations" in relations and "base_model" not in ModelCard(relations).data.to_dict()
 
 
 def test_model_card_gets_the_evaluation_as_model_index(distilled):

@@ -67,6 +67,15 @@ class LossConfig:
     mlm_smoothing: float = 0.7          # masking probability of a token ~ count^-smoothing (rare tokens favoured)
     mask_replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # mask / keep / random
 
+    def alphas(self) -> dict[str, float]:
+        """Every loss weight of the recipe, by key (alpha_ce, alpha_mlm, ...)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("alpha_")}
+
+    def weights(self) -> dict[str, float]:
+        """The terms the recipe uses, by term name (ce, mlm, clm, mse, cos, hidden_mse, relation, ...), with their
+        non-zero weights."""
+        return {key.removeprefix("alpha_"): float(value) for key, value in self.alphas().items() if value > 0}
+
 
 @dataclass
 class OptimConfig:
@@ -300,8 +309,7 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"student.architecture must be auto, distilbert or same, got {s.architecture!r}.")
 
     loss = config.loss
-    alphas = {k: getattr(loss, k) for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse",
-                                            "alpha_relation", "alpha_attention")}
+    alphas = loss.alphas()
     negative = {k: v for k, v in alphas.items() if v < 0}
     if negative:
         raise DistilError(f"Loss weights must be >= 0; the recipe has {negative}.")

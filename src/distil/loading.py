@@ -48,6 +48,11 @@ def _looks_local(name_or_path: str) -> bool:
     )
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a name is meant as a hub id (not a local path, a .gguf file or a python: package path)."""
+    return bool(name_or_path) and not name_or_path.startswith(PACKAGE_PREFIX) and not _looks_local(name_or_path)
+
+
 def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Resolve a GGUF checkpoint given as a file path or as a directory holding one .gguf file."""
     path = Path(name_or_path).expanduser()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from distil.loading import is_hub_id
+
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
@@ -29,11 +31,6 @@ INDEX_METRICS = [
     ("task_accuracy", "accuracy", "downstream accuracy after fine-tuning", 100.0),
     ("task_macro_f1", "f1", "downstream macro-F1 after fine-tuning", 100.0),
 ]
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(name) and not name.startswith(("python:", ".", "/", "~")) and not Path(name).exists() \
-        and name.count("/") <= 1 and not name.endswith(".gguf")
 
 
 def read_card_metadata(model_dir: str | Path) -> dict:
@@ -74,6 +71,8 @@ def objective_in_words(objective: str, weights: dict[str, float], temperature: f
         "mse": "the teacher's logits (squared error)",
         "cos": "the teacher's hidden states (cosine distance)",
         "hidden_mse": "the teacher's hidden states (mean squared error)",
+        "relation": "the teacher's self-attention relations (MiniLMv2: query, key and value relations, KL)",
+        "attention": "the teacher's attention maps (TinyBERT)",
     }
     parts = [f"{words[name]} x {weight:g}" for name, weight in weights.items() if name in words]
     kind = "masked-LM" if objective == "mlm" else "causal-LM"
@@ -89,7 +88,7 @@ def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: di
                  dataset: str | None = None) -> str:
     """README.md for a student written by `distil train`."""
     metadata: dict = {}
-    if _looks_like_hub_id(teacher):
+    if is_hub_id(teacher):
         metadata["base_model"] = teacher
     metadata["library_name"] = "transformers"
     metadata["pipeline_tag"] = PIPELINE[objective if has_lm_head else "hidden"]

@@ -147,10 +147,7 @@ class TermSpec:
 def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], vocab_limit: int | None = None
                    ) -> TermSpec:
     loss = config.loss
-    alphas = {"ce": loss.alpha_ce, "mlm": loss.alpha_mlm, "clm": loss.alpha_clm, "mse": loss.alpha_mse,
-              "cos": loss.alpha_cos, "hidden_mse": loss.alpha_hidden_mse, "relation": loss.alpha_relation,
-              "attention": loss.alpha_attention}
-    return TermSpec(weights={k: float(v) for k, v in alphas.items() if v > 0}, temperature=float(loss.temperature),
+    return TermSpec(weights=loss.weights(), temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
                     layer_pairs=list(layer_pairs), divergence=loss.divergence, jsd_beta=float(loss.jsd_beta),
                     skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit,

@@ -87,7 +87,7 @@ def _model_card(config, models, summary, final_eval) -> str:
     from distil.data import shards
     from distil.model_card import student_card
 
-    weights = _weights(config)
+    weights = config.loss.weights()
     dataset = shards.read_manifest(config.data.path).get("dataset") or {}
     return student_card(
         teacher=config.teacher.path, objective=models.objective,
@@ -96,8 +96,3 @@ def _model_card(config, models, summary, final_eval) -> str:
         tokens_seen=summary["tokens_seen"], n_parameters=sum(p.numel() for p in models.student.parameters()),
         heldout=final_eval, dataset=dataset.get("name") if isinstance(dataset, dict) else None,
     )
-
-
-def _weights(config: TrainConfig) -> dict[str, float]:
-    names = ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse")
-    return {name.removeprefix("alpha_"): getattr(config.loss, name) for name in names if getattr(config.loss, name) > 0}
