@@ -62,6 +62,13 @@ class LossConfig:
     alpha_attention: float = 0.0        # TinyBERT attention maps of mapped layers (same head counts only)
     attention_layers: Any = None        # [[student_layer, teacher_layer], ...] (1-based); None: hidden_layers' pairs
     attention_loss: str = "kl"          # kl (KL(teacher || student) per query row) | mse (squared error over keys)
+    hidden_projection: str = "auto"     # auto (a learned linear map student -> teacher width when widths differ) |
+                                        # linear (always learned) | none (widths must match); dropped at the end
+    alpha_sentence_mse: float = 0.0     # MSE between pooled sentence embeddings of student and teacher
+    alpha_sentence_cos: float = 0.0     # cosine distance between pooled sentence embeddings
+    pooling: str = "auto"               # auto (the teacher's sentence-transformers pooling, else mean) | mean | cls
+                                        # | last | max
+    normalize_embeddings: Any = "auto"  # auto (as the teacher's sentence-transformers config) | true | false
     restrict_ce_to_mask: bool = False   # soft-target loss only on masked positions (MLM)
     mlm_probability: float = 0.15
     mlm_smoothing: float = 0.7          # masking probability of a token ~ count^-smoothing (rare tokens favoured)
@@ -352,6 +359,12 @@ def validate(config: TrainConfig) -> None:
                           "head count).")
     if loss.attention_loss not in ("kl", "mse"):
         raise DistilError(f"loss.attention_loss must be kl or mse, got {loss.attention_loss!r}.")
+    if loss.hidden_projection not in ("auto", "linear", "none"):
+        raise DistilError(f"loss.hidden_projection must be auto, linear or none, got {loss.hidden_projection!r}.")
+    if loss.pooling not in ("auto", "mean", "cls", "last", "max"):
+        raise DistilError(f"loss.pooling must be auto, mean, cls, last or max, got {loss.pooling!r}.")
+    if loss.normalize_embeddings not in ("auto", True, False):
+        raise DistilError(f"loss.normalize_embeddings must be auto, true or false, got {loss.normalize_embeddings!r}.")
     if loss.objective not in ("auto", "mlm", "clm"):
         raise DistilError(f"loss.objective must be auto, mlm or clm, got {loss.objective!r} (auto: masked-LM for encoder "
                           "teachers such as BERT, causal-LM for decoders such as GPT-2 and Llama).")

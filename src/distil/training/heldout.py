@@ -17,7 +17,8 @@ import torch
 from distil import losses
 from distil.data.dataset import TokenSequences
 from distil.training.attention_capture import captured_attention
-from distil.training.objective import (ATTENTION_TERMS, HIDDEN_TERMS, Objective, build_step, compute_terms, forward,
+from distil.training.objective import (ATTENTION_TERMS, HIDDEN_TERMS, SENTENCE_TERMS, Objective, build_step,
+                                       compute_terms, forward,
                                        step_share)
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
     generator = torch.Generator(device=device)
     own_name = spec.objective
     # The recipe's hidden-state and self-attention terms, measured the same way as in training.
-    representation = tuple(t for t in HIDDEN_TERMS + ATTENTION_TERMS if t in spec.weights)
+    representation = tuple(t for t in HIDDEN_TERMS + SENTENCE_TERMS + ATTENTION_TERMS if t in spec.weights)
     names = ["student_" + own_name, "teacher_" + own_name, "kd"] + list(representation)
     # Sums of token-weighted values and of the counts they are weighted by, reduced over processes at the end.
     sums = torch.zeros(len(names), device=device)
@@ -83,7 +84,7 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
                             batch.local_tokens, 1)
         if representation:
             terms = compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden, only=representation,
-                                  s_attention=s_attention, t_attention=t_attention)
+                                  s_attention=s_attention, t_attention=t_attention, project=objective.project)
             values.update({k: (mean, local, 1) for k, (mean, local, _) in terms.items()})
         weighted = step_share(values)  # mean x local count: a sum over this process's rows
         for i, name in enumerate(names):

@@ -30,6 +30,7 @@ from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.objective import Objective, build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
+from distil.training.projections import add_projections
 from distil.training.recipe_changes import check_resume_recipe
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
@@ -102,7 +103,8 @@ def train(config: TrainConfig) -> dict:
         check_positions(models, max(int(train_data.lengths.max()), int(heldout.lengths.max()) if heldout else 0),
                         config)
         pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
-        spec = term_spec_from(config, models.objective, pairs, models.vocab_limit)
+        spec = term_spec_from(config, models.objective, pairs, models.vocab_limit, models.sentence_pooling)
+        add_projections(config, models, spec)  # learned width maps for the hidden terms, when widths differ
         vocab_size = models.student.get_input_embeddings().num_embeddings
         masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) \
             if spec.needs_masking else None

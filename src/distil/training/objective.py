@@ -22,10 +22,13 @@ from distil.data.dataset import pad_batch
 from distil.data.masking import MLMMasker, causal_lm_labels
 from distil.training.attention_capture import (Captured, captured_attention, check_attention_terms_of_spec,
                                                default_relation_layers, head_count, recipe_pairs)
+from distil.sentence_embeddings import embed as sentence_embedding
 from distil.training.fused_head import HeadTerms, fused_head_losses, projection_replaced
+from distil.training.projections import SENTENCE_KEY, pair_key, projections_of
 
 LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
 HIDDEN_TERMS = ("cos", "hidden_mse")
+SENTENCE_TERMS = ("sentence_mse", "sentence_cos")  # on pooled sentence embeddings (see distil.sentence_embeddings)
 ATTENTION_TERMS = ("relation", "attention")  # on self-attention, captured by hooks (see attention_capture)
 # Attributes under which `transformers` base models keep the norm applied after their last block.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -40,6 +43,8 @@ class Batch:
     local_targets: int               # MLM targets (MLM) or predicted positions (CLM) in these rows
     step_tokens: int                 # real tokens in the whole optimizer step (every micro-batch, every process)
     step_targets: int                # MLM targets or predicted positions in the whole optimizer step
+    local_rows: int = 0              # sequences in these rows (sentence-embedding terms are means over sequences)
+    step_rows: int = 0               # sequences in the whole optimizer step
 
 
 def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMMasker | None,
@@ -86,7 +91,8 @@ def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker:
         # Trim columns that are padding in every local row.
         batches.append(Batch(input_ids=ids[r, :width], attention_mask=mask[r, :width], labels=labels[r, :width],
                              local_tokens=local_tokens, local_targets=local_targets,
-                             step_tokens=step_tokens, step_targets=step_targets))
+                             step_tokens=step_tokens, step_targets=step_targets,
+                             local_rows=len(r), step_rows=len(sequences)))
     return batches
 
 
@@ -106,6 +112,7 @@ class TermSpec:
     relation_heads: int | None = None                      # None: the teacher's head count
     attention_pairs: list[tuple[int, int]] | None = None   # None: layer_pairs without the embeddings
     attention_loss: str = "kl"                             # kl | mse between attention maps
+    pooling: object = None           # SentencePooling of the sentence-embedding terms (distil.sentence_embeddings)
 
     @property
     def needs_logits(self) -> bool:
@@ -116,8 +123,16 @@ class TermSpec:
         return any(t in self.weights for t in ("ce", "mse"))
 
     @property
-    def needs_hidden(self) -> bool:
+    def needs_hidden_pairs(self) -> bool:
         return any(t in self.weights for t in HIDDEN_TERMS)
+
+    @property
+    def needs_sentence(self) -> bool:
+        return any(t in self.weights for t in SENTENCE_TERMS)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.needs_hidden_pairs or self.needs_sentence
 
     @property
     def needs_relations(self) -> bool:
@@ -144,8 +159,8 @@ class TermSpec:
         return self.objective == "mlm" and self.needs_logits
 
 
-def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], vocab_limit: int | None = None
-                   ) -> TermSpec:
+def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], vocab_limit: int | None = None,
+                   pooling=None) -> TermSpec:
     loss = config.loss
     return TermSpec(weights=loss.weights(), temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
@@ -153,7 +168,7 @@ def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], v
                     skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit,
                     relation_pairs=recipe_pairs(loss.relation_layers), relation_heads=loss.relation_heads,
                     attention_pairs=recipe_pairs(loss.attention_layers),
-                    attention_loss=loss.attention_loss)
+                    attention_loss=loss.attention_loss, pooling=pooling)
 
 
 def with_attention_defaults(spec: TermSpec, student: torch.nn.Module, teacher: torch.nn.Module) -> TermSpec:
@@ -225,10 +240,12 @@ def forward(model, batch: Batch, want_hidden: bool, final_norm: torch.nn.Module 
 
 def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates | None, t_logits,
                   t_hidden: HiddenStates | None, only: tuple[str, ...] | None = None,
-                  s_attention: Captured | None = None, t_attention: Captured | None = None) -> dict[str, tuple]:
+                  s_attention: Captured | None = None, t_attention: Captured | None = None,
+                  project=None) -> dict[str, tuple]:
     """Each term as (local mean, local count, step count): the mean over this process's rows and the counts
     that turn it into this micro-batch's share of the step's mean. `only` limits the terms computed.
-    `*_attention`: what the self-attention terms need, captured during the forwards (captured_attention)."""
+    `*_attention`: what the self-attention terms need, captured during the forwards (captured_attention).
+    `project`: the learned student -> teacher width maps (training.projections), when the widths differ."""
     real = batch.attention_mask.bool()
     if spec.objective == "clm":
         predicted = torch.zeros_like(real)
@@ -255,8 +272,20 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
         terms["clm"] = (losses.causal_lm_loss(s_logits, batch.labels), batch.local_targets, batch.step_targets)
     for name, fn in (("cos", losses.hidden_cosine), ("hidden_mse", losses.hidden_mse)):
         if name in w:
-            per_pair = [fn(*s_hidden.pair_with(t_hidden, s, t), real) for s, t in spec.layer_pairs]
+            per_pair = []
+            for s, t in spec.layer_pairs:
+                student, teacher = s_hidden.pair_with(t_hidden, s, t)
+                if project is not None:
+                    student = project(pair_key(s, t), student)
+                per_pair.append(fn(student, teacher, real))
             terms[name] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
+    if any(name in w for name in SENTENCE_TERMS):
+        dense = (lambda x: project(SENTENCE_KEY, x)) if project is not None else None
+        s_embedding = sentence_embedding(s_hidden.final, real, spec.pooling, dense)
+        t_embedding = sentence_embedding(t_hidden.final, real, spec.pooling)
+        for name, fn in (("sentence_mse", losses.sentence_mse), ("sentence_cos", losses.sentence_cosine)):
+            if name in w:
+                terms[name] = (fn(s_embedding, t_embedding), batch.local_rows, batch.step_rows)
     causal = spec.objective == "clm"
     if "relation" in w:
         per_pair = [losses.relation_loss(s_attention.qkv[s], t_attention.qkv[t], real, spec.relation_heads, causal)
@@ -331,6 +360,8 @@ class Objective:
         self.autocast = autocast
         self.teacher_norm = final_norm_of(teacher)
         self.student_norm = final_norm_of(student)
+        # Learned width maps, when the run has them (attached to the trained module by add_projections).
+        self.project = projections_of(student)
 
     def __call__(self, student_module: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         """(differentiable weighted share of the step loss, {term: detached share})."""
@@ -340,7 +371,8 @@ class Objective:
             with captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
                 s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
             shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden,
-                                              s_attention=s_attention, t_attention=t_attention))
+                                              s_attention=s_attention, t_attention=t_attention,
+                                              project=self.project))
             return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
         s_proj, t_proj = self.fused
         t_states, t_hidden, t_attention = self.teacher_outputs(batch, states_only=t_proj is not None)
@@ -356,10 +388,10 @@ class Objective:
                 captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
             total, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
         shares = dict(logit_shares)
-        others = [t for t in HIDDEN_TERMS + ATTENTION_TERMS if t in spec.weights]
+        others = [t for t in HIDDEN_TERMS + SENTENCE_TERMS + ATTENTION_TERMS if t in spec.weights]
         if others:
             rest = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=tuple(others),
-                                            s_attention=s_attention, t_attention=t_attention))
+                                            s_attention=s_attention, t_attention=t_attention, project=self.project))
             total = total + weighted_total(rest, spec.weights)
             shares.update({k: v.detach() for k, v in rest.items()})
         return total, shares

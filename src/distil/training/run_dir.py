@@ -1,18 +1,23 @@
 """A run directory: whether a start is fresh or a resume, and the final student with its model card.
 
 Layout of run.output_dir: recipe.yaml (resolved), metrics.jsonl, tensorboard/, checkpoints/, student-init/ (when
-the student is built from teacher layers at start), and student/ once the run has finished.
+the student is built from teacher layers at start), and student/ once the run has finished (with
+projections.safetensors beside it when the run trained width projections).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from distil.config import TrainConfig
 from distil.errors import DistilError
+from distil.loading import hidden_size_of
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
+from distil.sentence_embeddings import write_sentence_transformers
 from distil.training import checkpoint as ckpt
+from distil.training import projections
 
 FINAL_STUDENT = "student"
 
@@ -70,17 +75,34 @@ def start_run_dir(run_dir: Path, config: TrainConfig, student_init: Path | None)
 
 def save_student(run_dir: Path, config: TrainConfig, models, student, summary: dict, final_eval: dict) -> None:
     """Write `student` (the trained student with all its weights) as a save_pretrained directory with the
-    tokenizer, distil_init.json and the model card."""
+    tokenizer, distil_init.json and the model card; as a sentence-transformers directory too when the run
+    distilled sentence embeddings or its teacher is a sentence-transformers model. Learned width projections
+    are left out of the student and kept beside it in the run directory."""
     for key, value in models.original_dropout.items():
         setattr(student.config, key, value)
-    with atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True, command="train") as tmp:
+    with projections.detached(student) as maps, \
+            atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True, command="train") as tmp:
         student.save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
+        if models.sentence_pooling is not None:
+            dense = maps.maps[projections.SENTENCE_KEY] if maps is not None and \
+                projections.SENTENCE_KEY in maps.maps else None
+            write_sentence_transformers(tmp, models.sentence_pooling, hidden_size_of(student.config), dense)
         record = dict(models.init_record or {})
         record.update({"distilled_from": config.teacher.path, "recipe": config.name or None,
                        "steps": summary["steps"], "tokens_seen": summary["tokens_seen"], "heldout": final_eval})
         write_json_atomic(tmp / "distil_init.json", record)
         (tmp / "README.md").write_text(_model_card(config, models, summary, final_eval), encoding="utf-8")
+    if maps is not None:
+        _save_projections(run_dir / projections.PROJECTIONS_FILE, maps)
+
+
+def _save_projections(path: Path, maps) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in maps.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _model_card(config, models, summary, final_eval) -> str:

@@ -23,8 +23,9 @@ from distil.config import TrainConfig
 from distil.data import shards
 from distil.data.masking import MLMMasker, mask_probabilities
 from distil.errors import DistilError
-from distil.loading import hidden_size_of, load_config, load_model, load_tokenizer, vocab_size_of
+from distil.loading import load_config, load_model, load_tokenizer, vocab_size_of
 from distil.training.attention_capture import check_attention_terms, use_eager_attention
+from distil.sentence_embeddings import resolve_pooling, teacher_pooling
 from distil.training.fused_head import output_projection
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Models:
     original_dropout: dict            # config dropout values to restore when saving
     objective: str                    # mlm | clm, resolved from loss.objective and the teacher
     vocab_limit: int | None = None    # output layers padded differently: logit losses on the first vocab_limit ids
+    sentence_pooling: object = None   # SentencePooling: of the sentence terms, or the teacher's own (a
+                                      # sentence-transformers teacher); the final student is exported with it
 
 
 def _auto_class(objective: str, base: bool = False):
@@ -176,6 +179,7 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     """Load teacher and student, run the start-up checks, and place both on `device`."""
     loss = config.loss
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
+    wants_sentence = loss.alpha_sentence_mse > 0 or loss.alpha_sentence_cos > 0
     wants_teacher_logits = loss.alpha_ce > 0 or loss.alpha_mse > 0
 
     teacher_config = load_config(config.teacher.path)
@@ -215,7 +219,11 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
 
     vocab_limit = check_vocabularies(teacher.config, student.config, tokenizer, config,
                                      None if config.student.config else student_dir)
-    check_hidden_sizes(teacher.config, student.config, config)
+    sentence_pooling = resolve_pooling(loss, config.teacher.path) if wants_sentence \
+        else teacher_pooling(config.teacher.path)
+    if wants_sentence:
+        log.info("sentence embeddings: %s pooling%s, from %s", sentence_pooling.mode,
+                 ", L2-normalised" if sentence_pooling.normalize else "", sentence_pooling.source)
     check_attention_terms(teacher, student, config.loss)
     if loss.alpha_attention > 0:  # only eager attention returns the probabilities (see attention_capture)
         use_eager_attention(teacher)
@@ -226,7 +234,7 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     student_trained = student if wants_logits else student.base_model
     return Models(teacher=teacher_called, teacher_has_head=has_head, student=student, student_trained=student_trained,
                   tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout, objective=objective,
-                  vocab_limit=vocab_limit)
+                  vocab_limit=vocab_limit, sentence_pooling=sentence_pooling)
 
 
 def _student_config(config: TrainConfig, student_dir: str):
@@ -280,17 +288,6 @@ def _own_tokenizer_differs(student_dir: str | None, tokenizer) -> bool:
     except DistilError:
         return False  # a student without a tokenizer of its own uses the teacher's
     return shards.vocabulary_fingerprint(own) != shards.vocabulary_fingerprint(tokenizer)
-
-
-def check_hidden_sizes(teacher_config, student_config, config: TrainConfig) -> None:
-    if config.loss.alpha_cos > 0 or config.loss.alpha_hidden_mse > 0:
-        t, s = hidden_size_of(teacher_config), hidden_size_of(student_config)
-        if t != s:
-            raise DistilError(
-                f"Hidden-state losses (alpha_cos / alpha_hidden_mse) compare student and teacher states, but the hidden "
-                f"sizes differ: teacher {t}, student {s}. Use a student of the teacher's width (distil init-student) or "
-                "set loss.alpha_cos and loss.alpha_hidden_mse to 0."
-            )
 
 
 def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> None:
