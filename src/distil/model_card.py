@@ -73,6 +73,8 @@ def objective_in_words(objective: str, weights: dict[str, float], temperature: f
         "hidden_mse": "the teacher's hidden states (mean squared error)",
         "relation": "the teacher's self-attention relations (MiniLMv2: query, key and value relations, KL)",
         "attention": "the teacher's attention maps (TinyBERT)",
+        "sentence_mse": "the teacher's pooled sentence embeddings (mean squared error)",
+        "sentence_cos": "the teacher's pooled sentence embeddings (cosine distance)",
     }
     parts = [f"{words[name]} x {weight:g}" for name, weight in weights.items() if name in words]
     kind = "masked-LM" if objective == "mlm" else "causal-LM"
@@ -85,14 +87,15 @@ def render_card(metadata: dict, body: str) -> str:
 
 def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: dict[str, float], temperature: float,
                  recipe: dict, steps: int, tokens_seen: int, n_parameters: int, heldout: dict,
-                 dataset: str | None = None) -> str:
-    """README.md for a student written by `distil train`."""
+                 dataset: str | None = None, sentence_transformers: bool = False) -> str:
+    """README.md for a student written by `distil train` (`sentence_transformers`: the directory is one too)."""
     metadata: dict = {}
     if is_hub_id(teacher):
         metadata["base_model"] = teacher
-    metadata["library_name"] = "transformers"
-    metadata["pipeline_tag"] = PIPELINE[objective if has_lm_head else "hidden"]
-    metadata["tags"] = list(TAGS)
+    metadata["library_name"] = "sentence-transformers" if sentence_transformers else "transformers"
+    metadata["pipeline_tag"] = "sentence-similarity" if sentence_transformers else \
+        PIPELINE[objective if has_lm_head else "hidden"]
+    metadata["tags"] = list(TAGS) + (["sentence-transformers"] if sentence_transformers else [])
     licence = teacher_license(teacher)
     if licence:
         metadata["license"] = licence
@@ -107,6 +110,9 @@ def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: di
         "from transformers import AutoModel, AutoTokenizer",
         "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
     ]
+    if sentence_transformers:
+        lines += ["or as a sentence encoder:", "", "```python", "from sentence_transformers import SentenceTransformer",
+                  "embeddings = SentenceTransformer(PATH).encode(sentences)", "```", ""]
     if heldout:
         lines += ["## Held-out evaluation at the end of training", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in heldout.items()]

@@ -38,10 +38,14 @@ class SentencePooling:
 
 def _read_json(path: str, name: str) -> dict | list | None:
     """A JSON file of a local directory, or of a hub repository where the hub is reachable; None if absent."""
-    local = Path(path)
+    from distil.loading import is_hub_id, resolve_source
+
+    local = Path(resolve_source(path))  # python:PACKAGE/path too
     if local.is_dir():
         file = local / name
         return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    if not is_hub_id(path):
+        return None
     try:
         from huggingface_hub import hf_hub_download
 
@@ -157,14 +161,18 @@ def load_dense(directory: Path) -> torch.nn.Linear | None:
 
 
 @torch.no_grad()
-def encode(model_dir: str, texts: list[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+def encode(model_dir: str, texts: list[str], batch_size: int = 32, max_length: int | None = None,
+           pooling: SentencePooling | None = None) -> torch.Tensor:
     """Sentence embeddings of `texts` from a sentence-transformers directory (a teacher, or a student written by
-    `distil train`), computed by distil: the model's last hidden states, pooled, through Dense, normalised."""
+    `distil train`), computed by distil: the model's last hidden states, pooled, through Dense, normalised.
+    `pooling` stands in for the directory's own (for a plain `transformers` directory, e.g. a student straight
+    from `distil init-student`)."""
     from transformers import AutoModel
 
-    from distil.loading import load_tokenizer
+    from distil.loading import load_tokenizer, resolve_source
 
-    pooling = teacher_pooling(model_dir)
+    model_dir = resolve_source(model_dir)
+    pooling = pooling or teacher_pooling(model_dir)
     if pooling is None:
         raise DistilError(f"{model_dir} has no {MODULES_FILE}: it is no sentence-transformers directory. Train with "
                           "loss.alpha_sentence_mse / alpha_sentence_cos, or from a sentence-transformers teacher.")
@@ -172,10 +180,15 @@ def encode(model_dir: str, texts: list[str], batch_size: int = 32, max_length: i
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     dense = load_dense(Path(model_dir))
     limit = max_length or pooling.max_seq_length or 512
+    # Batches of similar lengths (longest first) waste little on padding; the result is in the input order.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=limit,
-                          return_tensors="pt")
+        batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
+                          max_length=limit, return_tensors="pt")
         hidden = model(**batch).last_hidden_state
         out.append(embed(hidden, batch["attention_mask"], pooling, dense))
-    return torch.cat(out) if out else torch.zeros(0, int(model.config.hidden_size))
+    if not out:
+        return torch.zeros(0, int(model.config.hidden_size))
+    embeddings = torch.cat(out)
+    return embeddings[torch.argsort(torch.as_tensor(order))]

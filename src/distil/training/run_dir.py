@@ -117,4 +117,5 @@ def _model_card(config, models, summary, final_eval) -> str:
         temperature=config.loss.temperature, recipe=config.to_dict(), steps=summary["steps"],
         tokens_seen=summary["tokens_seen"], n_parameters=sum(p.numel() for p in models.student.parameters()),
         heldout=final_eval, dataset=dataset.get("name") if isinstance(dataset, dict) else None,
+        sentence_transformers=models.sentence_pooling is not None,
     )
