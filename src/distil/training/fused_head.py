@@ -6,11 +6,19 @@ student's last hidden states (before the vocabulary projection) and the teacher'
 projected, its soft-target divergence, MLM/causal cross-entropy and logit MSE are summed, and the gradients with respect
 to the hidden states, the projection weight and its bias are accumulated at once (the loss is a scalar, so the
 backward pass only scales them). The values equal the plain formulation in `distil.losses` (tested).
+
+Models that transform their logits after the output layer (Gemma-2's `final_logit_softcapping`:
+cap * tanh(logits / cap); Cohere's `logit_scale`: logits * scale; Granite's `logits_scaling`: logits / scaling)
+get the same transform here, on each chunk, on the student's side and the teacher's, with its derivative in the
+gradient: `output_projection` records the model's transform with the projection it returns, the fused head
+applies it after projecting, and `projection_replaced` switches the model's own transform off while the fused
+head stands in for its output layer (else it would be applied to the fused loss or to the teacher's states).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,19 +42,127 @@ class HeadTerms:
     coef_lm: float = 0.0      # cross-entropy against row labels (MLM targets or next tokens)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its logits after the output layer, in this order: multiply by `multiply` (Cohere's
+    logit_scale), divide by `divide` (Granite's logits_scaling), then cap * tanh(logits / cap) with cap =
+    `softcap` (Gemma-2's final_logit_softcapping). The operations are the model's own, in its order."""
+
+    multiply: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The plain, differentiable form (what the model computes)."""
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model_type -> (where the model reads its setting: "config" or "model" (an attribute of the LM module itself),
+# the attribute, what it does, the value under which the model leaves its logits as they are). Read from the
+# `*ForCausalLM.forward` of transformers 5; a model with one of these config keys that is not listed here keeps
+# the plain (unfused) losses, which use the model's own logits.
+POST_PROCESSING = {
+    "gemma2": ("config", "final_logit_softcapping", "softcap", None),
+    "gemma3_text": ("config", "final_logit_softcapping", "softcap", None),
+    "vaultgemma": ("config", "final_logit_softcapping", "softcap", None),
+    "cohere": ("model", "logit_scale", "multiply", 1.0),
+    "cohere2": ("model", "logit_scale", "multiply", 1.0),
+    "granite": ("config", "logits_scaling", "divide", 1.0),
+    "granitemoe": ("config", "logits_scaling", "divide", 1.0),
+    "granitemoeshared": ("config", "logits_scaling", "divide", 1.0),
+}
+TRANSFORMING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# projection -> (its model, weakly; the LogitTransform; the POST_PROCESSING entry), filled by output_projection.
+_TRANSFORMS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def logit_transform(model: torch.nn.Module) -> LogitTransform | None | bool:
+    """The model's post-projection transform: a LogitTransform, None when it has none, False when it has one that
+    distil does not know (the fused head then cannot stand in for its output layer)."""
+    config = getattr(model, "config", None)
+    entry = POST_PROCESSING.get(getattr(config, "model_type", None))
+    if entry is None:
+        return False if any(getattr(config, key, None) for key in TRANSFORMING_KEYS) else None
+    holder, attr, kind, neutral = entry
+    value = getattr(model if holder == "model" else config, attr, None)
+    if value is None or value == neutral:
+        return None
+    return LogitTransform(**{kind: float(value)})
+
+
+def transform_of(projection: torch.nn.Module | None) -> LogitTransform | None:
+    """The transform recorded with `projection` by output_projection (None: logits are used as projected)."""
+    found = _TRANSFORMS.get(projection) if projection is not None else None
+    return found[1] if found is not None else None
+
+
+@contextlib.contextmanager
+def _model_transform_off(projection: torch.nn.Module):
+    """The model of `projection` leaves its logits untransformed for the duration of the block (the fused head
+    applies the transform itself)."""
+    found = _TRANSFORMS.get(projection)
+    model = found[0]() if found is not None else None
+    if model is None:
+        yield
+        return
+    holder, attr, _, neutral = found[2]
+    target = model if holder == "model" else model.config
+    before = getattr(target, attr)
+    setattr(target, attr, neutral)
+    try:
+        yield
+    finally:
+        setattr(target, attr, before)
+
+
+def _transform_(logits: torch.Tensor, transform: LogitTransform, tanh_out: torch.Tensor | None = None):
+    """Apply `transform` to a chunk's logits in place; with `tanh_out`, keep tanh(logits / cap) there (for the
+    derivative)."""
+    if transform.multiply is not None:
+        logits.mul_(transform.multiply)
+    if transform.divide is not None:
+        logits.div_(transform.divide)
+    if transform.softcap is not None:
+        logits.div_(transform.softcap)
+        if tanh_out is None:
+            logits.tanh_()
+        else:
+            logits.copy_(torch.tanh(logits, out=tanh_out))
+        logits.mul_(transform.softcap)
+    return logits
+
+
+def _chain_(grad: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> torch.Tensor:
+    """d loss / d projected logits from d loss / d transformed logits, in place (`tanh` is consumed)."""
+    if transform.softcap is not None:
+        grad.mul_(tanh.square_().neg_().add_(1.0))   # d cap tanh(u / cap) / du = 1 - tanh^2
+    if transform.divide is not None:
+        grad.div_(transform.divide)
+    if transform.multiply is not None:
+        grad.mul_(transform.multiply)
+    return grad
+
+
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 
-def _workspace(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+def _workspace(rows: int, vocab: int, device: torch.device, count: int = 3) -> torch.Tensor:
     """Three float32 (rows, vocab) buffers kept from step to step (one chunk's student logits, teacher logits and
-    scratch). Every logits-sized intermediate is written into them with out= and in-place ops: glibc serves a
+    scratch; a fourth keeps tanh of the soft-capped student logits for their derivative). Every logits-sized intermediate is written into them with out= and in-place ops: glibc serves a
     fresh allocation of that size with mmap, so each one is page-faulted in at every use, which on a CPU cost
     about as much as the arithmetic (165,000 faults and 0.2 s per step at batch 16 x 46, vocabulary 30,522)."""
-    key = (rows, vocab, device)
+    key = (rows, vocab, device, count)
     buf = _WORKSPACE.get(key)
     if buf is None:
         _WORKSPACE.clear()
-        buf = _WORKSPACE[key] = torch.empty(3, rows, vocab, dtype=torch.float32, device=device)
+        buf = _WORKSPACE[key] = torch.empty(count, rows, vocab, dtype=torch.float32, device=device)
     return buf
 
 
@@ -71,7 +187,7 @@ def _divergence_and_grad(s: torch.Tensor, t: torch.Tensor, kd: torch.Tensor, ter
 class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, kd_rows, labels,
-                terms: HeadTerms, chunk: int):
+                terms: HeadTerms, chunk: int, transforms: tuple):
         n, vocab = hidden.shape[0], weight.shape[0]
         T = terms.temperature
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
@@ -81,12 +197,16 @@ class _FusedHead(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
         need_teacher = terms.coef_ce != 0 or terms.coef_mse != 0
-        work = _workspace(chunk, vocab, hidden.device)
+        s_transform, t_transform = transforms  # the models' own post-projection transforms, or None
+        capped = s_transform is not None and s_transform.softcap is not None
+        work = _workspace(chunk, vocab, hidden.device, 4 if capped else 3)
         for start in range(0, n, chunk):
             rows = slice(start, min(n, start + chunk))
             c = rows.stop - start
             h = hidden[rows]
             s = _logits_into(work[0, :c], h, w, b)          # student logits
+            if s_transform is not None:
+                _transform_(s, s_transform, work[3, :c] if capped else None)
             grad = work[2, :c]                               # d loss / d logits, built in place
             have_grad = False
             lm_rows, lm_grad = None, None
@@ -105,6 +225,8 @@ class _FusedHead(torch.autograd.Function):
                 kd = kd_rows[rows]
                 every_row = bool(kd.all())
                 t = _logits_into(work[1, :c], teacher_hidden[rows], teacher_weight, teacher_bias)
+                if t_transform is not None:
+                    _transform_(t, t_transform)
                 if terms.coef_mse != 0:
                     # rare term: plain temporaries are fine
                     diff = (s - t) * kd.unsqueeze(1).to(s.dtype)
@@ -151,6 +273,8 @@ class _FusedHead(torch.autograd.Function):
             if lm_grad is not None:
                 grad.index_add_(0, lm_rows, lm_grad)
                 del lm_grad
+            if s_transform is not None:  # back through the transform to the projected logits
+                _chain_(grad, s_transform, work[3, :c] if capped else None)
             g = grad.to(hidden.dtype)
             if g.dtype == torch.float32 and w.dtype == torch.float32:
                 torch.mm(g, w, out=grad_hidden[rows])
@@ -181,7 +305,7 @@ class _FusedHead(torch.autograd.Function):
         # allocation per step.
         return (grad_hidden.mul_(scale).to(h_dtype), grad_weight.mul_(scale).to(w_dtype),
                 grad_bias.mul_(scale).to(w_dtype) if ctx.has_bias else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _full(tensor):
@@ -190,19 +314,24 @@ def _full(tensor):
 
 
 def fused_head_losses(hidden, projection, teacher_hidden, teacher_projection, kd_rows, labels, terms: HeadTerms,
-                      chunk: int = CHUNK_ROWS, vocab_limit: int | None = None):
+                      chunk: int = CHUNK_ROWS, vocab_limit: int | None = None, transforms: tuple | None = None):
     """(combined loss, [ce_sum, mse_sum, lm_sum]) over the rows of `hidden` (N, H).
 
     projection / teacher_projection: the models' output Linear layers. kd_rows (N,) bool: rows for the
     soft-target and MSE terms. labels (N,): the target id of each row, -100 where none. vocab_limit: use only the
-    first ids of both output layers (layers padded to different sizes beyond a shared tokenizer).
+    first ids of both output layers (layers padded to different sizes beyond a shared tokenizer). transforms:
+    (student's, teacher's) LogitTransform applied after projecting; by default those that output_projection
+    recorded with the two projections (the models' own soft-capping / scaling).
     """
+    if transforms is None:
+        transforms = (transform_of(projection), transform_of(teacher_projection))
     keep = slice(None) if vocab_limit is None else slice(0, vocab_limit)
     weight, bias = projection.weight[keep], projection.bias[keep] if projection.bias is not None else None
     t_weight = _full(teacher_projection.weight)[keep] if teacher_projection is not None else None
     t_bias = _full(teacher_projection.bias) if teacher_projection is not None else None
     t_bias = t_bias[keep] if t_bias is not None else None
-    return _FusedHead.apply(hidden, weight, bias, teacher_hidden, t_weight, t_bias, kd_rows, labels, terms, chunk)
+    return _FusedHead.apply(hidden, weight, bias, teacher_hidden, t_weight, t_bias, kd_rows, labels, terms, chunk,
+                            tuple(transforms))
 
 
 def _parent_and_name(model: torch.nn.Module, target: torch.nn.Module):
@@ -214,11 +343,13 @@ def _parent_and_name(model: torch.nn.Module, target: torch.nn.Module):
 
 
 def output_projection(model: torch.nn.Module):
-    """The model's output Linear when the fused path can stand in for it, else None."""
+    """The model's output Linear when the fused path can stand in for it, else None. A model that transforms its
+    logits after the projection in a way distil knows (POST_PROCESSING) has the transform recorded with the
+    projection, for fused_head_losses and projection_replaced; one it does not know gets None."""
     config = getattr(model, "config", None)
-    if config is not None and any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale",
-                                                                         "logits_scaling")):
-        return None  # logits are transformed after the projection (Gemma-2 soft-capping, Cohere/Granite scaling)
+    transform = logit_transform(model)
+    if transform is False:
+        return None  # logits transformed after the projection in a way distil does not know: plain losses
     projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(projection, torch.nn.Linear):
         return None
@@ -227,7 +358,13 @@ def output_projection(model: torch.nn.Module):
     if config is None or projection.out_features != vocab_size_of(config):
         return None
     parent, _ = _parent_and_name(model, projection)
-    return projection if parent is not None else None
+    if parent is None:
+        return None
+    if transform is None:
+        _TRANSFORMS.pop(projection, None)
+    else:
+        _TRANSFORMS[projection] = (weakref.ref(model), transform, POST_PROCESSING[config.model_type])
+    return projection
 
 
 @contextlib.contextmanager
@@ -238,9 +375,11 @@ def projection_replaced(projection: torch.nn.Module, forward):
     parameters see nothing change: under FSDP the output layer's weight is gathered for the model's forward as
     usual, and the fused head, running inside that forward, reads the full weight and returns its gradient
     through autograd like any layer. The model's `logits` output is then whatever `forward` returns: the
-    states themselves for the teacher, the fused loss for the student."""
+    states themselves for the teacher, the fused loss for the student. A model that transforms its logits
+    (soft-capping, scaling) has that switched off meanwhile: the fused head applies it to each chunk itself."""
     projection.forward = forward
     try:
-        yield
+        with _model_transform_off(projection):
+            yield
     finally:
         del projection.forward
