@@ -73,6 +73,13 @@ class LossConfig:
     mlm_probability: float = 0.15
     mlm_smoothing: float = 0.7          # masking probability of a token ~ count^-smoothing (rare tokens favoured)
     mask_replace: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # mask / keep / random
+    # On-policy distillation (GKD; training/on_policy.py): on this fraction (lambda) of the steps the student
+    # continues prompts cut from the step's sequences and is distilled on its own tokens (causal, live teacher).
+    on_policy_fraction: float = 0.0
+    on_policy_prefix: int = 16          # prompt: each sequence's first tokens (never its closing token)
+    on_policy_max_new_tokens: int = 32  # the student's continuation, stopped earlier at its end-of-text
+    on_policy_temperature: float = 1.0  # the student's sampling temperature (not loss.temperature)
+    on_policy_top_p: float = 1.0        # nucleus sampling (1: the whole distribution)
 
     def alphas(self) -> dict[str, float]:
         """Every loss weight of the recipe, by key (alpha_ce, alpha_mlm, ...)."""
@@ -377,6 +384,7 @@ def validate(config: TrainConfig) -> None:
                           "Set loss.alpha_mlm to 0 (use alpha_clm) or loss.objective=mlm.")
     if loss.restrict_ce_to_mask and (loss.objective == "clm" or loss.alpha_clm > 0):
         raise DistilError("loss.restrict_ce_to_mask applies to masked-LM runs only; unset it for causal-LM recipes.")
+    _check_on_policy(config)
 
     o = config.optim
     if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
@@ -412,6 +420,28 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "collective_timeout_s"):
         if getattr(r, name) < 0 or (name in ("log_every", "keep_checkpoints", "collective_timeout_s") and getattr(r, name) < 1):
             raise DistilError(f"run.{name} must be positive, got {getattr(r, name)}.")
+
+
+def _check_on_policy(config: TrainConfig) -> None:
+    """The on-policy settings themselves; what they need of the models is checked at start (training/on_policy.py)."""
+    loss = config.loss
+    if not 0 <= loss.on_policy_fraction <= 1:
+        raise DistilError(f"loss.on_policy_fraction must be in [0, 1] (the fraction of steps distilled on the "
+                          f"student's own samples), got {loss.on_policy_fraction}.")
+    if loss.on_policy_prefix < 1 or loss.on_policy_max_new_tokens < 1:
+        raise DistilError(f"loss.on_policy_prefix and loss.on_policy_max_new_tokens must be at least 1 (prompt and "
+                          f"continuation lengths in tokens), got {loss.on_policy_prefix} and "
+                          f"{loss.on_policy_max_new_tokens}.")
+    if loss.on_policy_temperature <= 0 or not 0 < loss.on_policy_top_p <= 1:
+        raise DistilError(f"loss.on_policy_temperature must be > 0 and loss.on_policy_top_p in (0, 1], got "
+                          f"{loss.on_policy_temperature} and {loss.on_policy_top_p}.")
+    if loss.on_policy_fraction > 0 and loss.objective == "mlm":
+        raise DistilError("loss.on_policy_fraction is set with loss.objective=mlm: on-policy distillation needs a "
+                          "causal student that writes text and a causal teacher that scores it.")
+    if loss.on_policy_fraction > 0 and getattr(config.teacher, "cache", None):
+        raise DistilError("loss.on_policy_fraction is set with teacher.cache: the stored teacher signals cover the "
+                          "prepared text only and cannot score what the student writes. Use the live teacher "
+                          "(unset teacher.cache), or set loss.on_policy_fraction=0.")
 
 
 def _is_layer_pairs(value, first: int = 0) -> bool:

@@ -28,6 +28,7 @@ from distil.metrics_log import MetricsLog
 from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
+from distil.training.on_policy import OnPolicy
 from distil.training.objective import Objective, build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
@@ -108,6 +109,8 @@ def train(config: TrainConfig) -> dict:
         vocab_size = models.student.get_input_embeddings().num_embeddings
         masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) \
             if spec.needs_masking else None
+        # On-policy steps (loss.on_policy_fraction): the student writes the step's text (training/on_policy.py).
+        policy = OnPolicy.from_config(config, models, spec, pad_id, device, rank, world, accum, acc.autocast)
     objective = Objective(spec, models.teacher, models.student, fused_projections(config, models, spec), acc.autocast)
     frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
                                config.run.freeze_token_type_embeddings)
@@ -136,6 +139,7 @@ def train(config: TrainConfig) -> dict:
                          hparams=config.to_dict())
     if is_main and step == 0:
         _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec)
+        policy.log_start()
     generator = torch.Generator(device=device)
     batches = iter(sampler)
     term_names = list(spec.weights)
@@ -161,7 +165,8 @@ def train(config: TrainConfig) -> dict:
     with StopFlag() as stop:
         while step < total_steps:
             generator.manual_seed(config.run.seed * MASK_SEED_STRIDE + step)
-            micro_batches = build_step([train_data[i] for i in next(batches)], pad_id, spec.objective, masker,
+            sequences = policy.rows_for_step(step, [train_data[i] for i in next(batches)])  # as read, or the student's
+            micro_batches = build_step(sequences, pad_id, spec.objective, masker,
                                        generator, rank, world, device, micro_batches=accum)
             step_values = torch.zeros(len(term_names), device=device)
             for micro, batch in enumerate(micro_batches):

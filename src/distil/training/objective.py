@@ -24,6 +24,7 @@ from distil.training.attention_capture import (Captured, captured_attention, che
                                                default_relation_layers, head_count, recipe_pairs)
 from distil.sentence_embeddings import embed as sentence_embedding
 from distil.training.fused_head import HeadTerms, fused_head_losses, projection_replaced
+from distil.training.on_policy import generated_targets
 from distil.training.projections import SENTENCE_KEY, pair_key, projections_of
 
 LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
@@ -45,6 +46,8 @@ class Batch:
     step_targets: int                # MLM targets or predicted positions in the whole optimizer step
     local_rows: int = 0              # sequences in these rows (sentence-embedding terms are means over sequences)
     step_rows: int = 0               # sequences in the whole optimizer step
+    kd_mask: torch.Tensor | None = None  # on-policy rows (training.on_policy): the soft-target positions, those that
+                                         # produced the student's own tokens (counted as the targets); None: all real
 
 
 def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMMasker | None,
@@ -76,6 +79,7 @@ def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker:
     ids, mask = pad_batch(sequences, pad_id)
     ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
     ids, labels, target_mask = _targets(ids, mask, objective, masker, generator)
+    labels, target_mask, kd_mask = generated_targets(sequences, labels, target_mask, mask)  # on-policy rows only
     per_micro = len(sequences) // micro_batches
     rows = [torch.arange(m * per_micro + rank, (m + 1) * per_micro, world_size, device=device)
             for m in range(micro_batches)]
@@ -92,7 +96,8 @@ def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker:
         batches.append(Batch(input_ids=ids[r, :width], attention_mask=mask[r, :width], labels=labels[r, :width],
                              local_tokens=local_tokens, local_targets=local_targets,
                              step_tokens=step_tokens, step_targets=step_targets,
-                             local_rows=len(r), step_rows=len(sequences)))
+                             local_rows=len(r), step_rows=len(sequences),
+                             kd_mask=kd_mask[r, :width] if kd_mask is not None else None))
     return batches
 
 
@@ -255,6 +260,8 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
     kd_rows = predicted if spec.restrict_ce_to_mask else real
     kd_local = batch.local_targets if spec.restrict_ce_to_mask else batch.local_tokens
     kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
+    if batch.kd_mask is not None:  # on-policy rows: soft targets on the student's own tokens only
+        kd_rows, kd_local, kd_step = batch.kd_mask, batch.local_targets, batch.step_targets
 
     terms: dict[str, tuple] = {}
     w = {k: v for k, v in spec.weights.items() if only is None or k in only}
@@ -309,13 +316,15 @@ def row_targets(spec: TermSpec, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     flat_real = real.reshape(-1).nonzero().squeeze(1)
     row_labels = labels.reshape(-1)[flat_real]
     kd_rows = (row_labels != -100) if spec.restrict_ce_to_mask else torch.ones_like(row_labels, dtype=torch.bool)
+    if batch.kd_mask is not None:  # on-policy rows: soft targets on the student's own tokens only
+        kd_rows = batch.kd_mask.reshape(-1)[flat_real]
     return flat_real, kd_rows, row_labels
 
 
 def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projection, t_projection):
     """Logit terms through the fused head: (differentiable weighted total, {term: detached step share})."""
     flat_real, kd_rows, row_labels = row_targets(spec, batch)
-    kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
+    kd_step = batch.step_targets if spec.restrict_ce_to_mask or batch.kd_mask is not None else batch.step_tokens
     w = spec.weights
     lm_name = "clm" if spec.objective == "clm" else "mlm"
     terms = HeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
