@@ -298,3 +298,28 @@ def test_on_policy_refused_at_start_with_what_to_change(workspace, case, match):
     with pytest.raises(DistilError, match=match):
         train(config)
     assert not (root / f"start-{case}").exists()  # refused before the run directory is made
+
+
+def test_on_policy_two_processes_with_accumulation_match_one_process(workspace):
+    """Each of 2 gloo processes writes its own rows (2 x accumulation 2 x batch 2); gathered, the step is the one
+    that 1 process x batch 8 writes and trains on: same losses, same token counts."""
+    from train_fixtures import launch
+
+    root, teacher, data = workspace
+    common = dict(loss={"alpha_ce": 5.0, "alpha_mlm": 0.0, "alpha_clm": 2.0, "alpha_cos": 1.0, **ON_POLICY,
+                        "on_policy_fraction": 1.0},
+                  run={"dropout": 0.0, "log_every": 1})
+    results = {}
+    for name, processes, batch, accumulation in (("ddp-1x8", 1, 8, 1), ("ddp-2x2x2", 2, 2, 2)):
+        recipe = write_recipe(root / f"{name}.yaml", teacher, data, root / name, data={"batch_size": batch},
+                              optim={"max_steps": 3, "lr": 3e-3, "gradient_accumulation": accumulation}, **common)
+        done = launch([str(recipe)], processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = train_rows(root / name)
+    a, b = results["ddp-1x8"], results["ddp-2x2x2"]
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step]["tokens_seen"] == a[step]["tokens_seen"], step  # the same generated rows
+        for key in ("loss", "loss_ce", "loss_cos"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-5), (step, key)
+        assert a[step]["loss_clm"] == b[step]["loss_clm"] == 0.0
