@@ -2,7 +2,7 @@ import pytest
 
 from distil.cli import build_parser, main
 
-COMMANDS = ["prepare", "init-student", "train", "task", "evaluate", "report", "demo", "fit-head"]
+COMMANDS = ["prepare", "init-student", "train", "task", "evaluate", "report", "demo", "fit-head", "cache-teacher"]
 
 
 def subparsers():

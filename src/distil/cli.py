@@ -270,6 +270,45 @@ def _add_fit_head(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier fit-head output")
 
 
+def _add_cache_teacher(sub) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once over prepared data and store its top-k distribution for training without it",
+        description="Run the teacher (teacher-forced, on the clean text) over a split of prepared data and write, for "
+                    "every real position, its top-k token ids and log-probabilities at the temperature, the remaining "
+                    "probability mass, and optionally k' tokens drawn from the rest of the distribution with "
+                    "importance weights (an unbiased soft-target estimate), into memory-mapped shards aligned with "
+                    "the data. Train from it with teacher.cache: DIR (no teacher model is loaded). Resumable: a "
+                    "rerun keeps finished shards. Under torchrun / accelerate launch each process writes its slice.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher directory, .gguf file, python:PACKAGE/path or hub id")
+    p.add_argument("--data", required=True, help="directory written by `distil prepare` with the teacher's tokenizer")
+    p.add_argument("--output", "-o", required=True, help="store directory to write (a finished one needs --overwrite)")
+    p.add_argument("--top-k", type=int, default=128, help="most probable tokens kept per position (default 128)")
+    p.add_argument("--sampled", type=int, default=0, metavar="K",
+                   help="tokens drawn per position from the distribution outside the top-k (default 0: top-k only)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="temperature of the stored distribution; training needs loss.temperature equal to it "
+                        "(default 2.0, distil's default loss.temperature)")
+    p.add_argument("--proposal-temperature", type=float, default=1.0,
+                   help="draw from the tail's distribution at this extra temperature (1: the tail itself; > 1 reaches "
+                        "further into it); the importance weights correct for it (default 1)")
+    p.add_argument("--split", default="train", help="prepared split to cache (default train)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cut longer sequences as training does (data.max_length must then be the same)")
+    p.add_argument("--logprobs", choices=["float16", "compact"], default="float16",
+                   help="float16: every top-k log-probability (2 bytes each); compact: the 8 most probable exactly and "
+                        "a cubic in log-rank through the rest (~290 bytes per token at k=128 with 16-bit ids)")
+    p.add_argument("--hidden-states", choices=["none", "last"], default="none",
+                   help="also store the teacher's last hidden state (float16), for hidden-state and sentence losses")
+    p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (each sequence's are fixed by it and its index)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="teacher precision (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished store, or restart an unfinished one")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -320,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_report(sub)
     _add_fit_head(sub)
+    _add_cache_teacher(sub)
     _add_demo(sub)
     return parser
 
@@ -404,6 +444,19 @@ def run(args: argparse.Namespace) -> int | None:
 
         fit_head(args.teacher, args.data, args.output_dir, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                  seed=args.seed, overwrite=args.overwrite)
+    elif args.command == "cache-teacher":
+        from distil.teacher_cache.writer import cache_teacher
+
+        result = cache_teacher(
+            teacher=args.teacher, data=args.data, output=args.output, top_k=args.top_k, sampled=args.sampled,
+            temperature=args.temperature, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
+            overwrite=args.overwrite, hidden_states=args.hidden_states, logprobs=args.logprobs,
+            proposal_temperature=args.proposal_temperature, seed=args.seed, shard_size=args.shard_size,
+            dtype=args.dtype,
+        )
+        if result["finished"]:
+            print(json.dumps({k: result[k] for k in ("k", "sampled", "temperature", "data", "bytes",
+                                                     "bytes_per_token", "signal_bytes_per_token")}, indent=2))
     elif args.command == "demo":
         from distil.demo import run_demo
 

@@ -22,6 +22,7 @@ class TeacherConfig:
     dtype: str = "auto"                 # float32 | bfloat16 | float16 | auto (float32 on CPU, bf16 on GPUs that have it)
     tokenizer: str | None = None        # defaults to the teacher's own
     fsdp: str = "shard"                 # under FSDP: shard (frozen, resharded after each forward) | replicate
+    cache: str | None = None            # a teacher-signal store (distil cache-teacher): train from it, no teacher loaded
 
 
 @dataclass
@@ -311,7 +312,7 @@ def validate(config: TrainConfig) -> None:
             if kinds[0] is list and isinstance(getattr(section, f.name), list):
                 _check_elements(section, f.name, annotation, section_name)
 
-    if not config.teacher.path:
+    if not config.teacher.path and not config.teacher.cache:
         raise DistilError("The recipe names no teacher. Set teacher.path (a hub id such as bert-base-uncased, or a directory).")
     if not config.data.path:
         raise DistilError("The recipe names no data. Set data.path to a directory written by `distil prepare`.")
@@ -319,6 +320,10 @@ def validate(config: TrainConfig) -> None:
     given = [k for k, v in (("path", s.path), ("layers", s.layers), ("num_layers", s.num_layers), ("config", s.config)) if v]
     if len(given) > 1:
         raise DistilError(f"Give the student one way only; the recipe sets student.{' and student.'.join(given)}.")
+    if config.teacher.cache and not config.teacher.path and (s.layers or s.num_layers):
+        raise DistilError("teacher.cache without teacher.path has no teacher weights to build the student from "
+                          "(student.layers / student.num_layers). Build it once with distil init-student and set "
+                          "student.path, or set teacher.path as well (its weights are read only to build the student).")
     if s.architecture not in ("auto", "distilbert", "same"):
         raise DistilError(f"student.architecture must be auto, distilbert or same, got {s.architecture!r}.")
 

@@ -29,7 +29,8 @@ from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.on_policy import OnPolicy
-from distil.training.objective import Objective, build_step, term_spec_from
+from distil.teacher_cache.training import objective_for
+from distil.training.objective import build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
 from distil.training.recipe_changes import check_resume_recipe
@@ -111,7 +112,8 @@ def train(config: TrainConfig) -> dict:
             if spec.needs_masking else None
         # On-policy steps (loss.on_policy_fraction): the student writes the step's text (training/on_policy.py).
         policy = OnPolicy.from_config(config, models, spec, pad_id, device, rank, world, accum, acc.autocast)
-    objective = Objective(spec, models.teacher, models.student, fused_projections(config, models, spec), acc.autocast)
+    objective = objective_for(models)(spec, models.teacher, models.student, fused_projections(config, models, spec),
+                                      acc.autocast)
     frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
                                config.run.freeze_token_type_embeddings)
 
@@ -165,9 +167,10 @@ def train(config: TrainConfig) -> dict:
     with StopFlag() as stop:
         while step < total_steps:
             generator.manual_seed(config.run.seed * MASK_SEED_STRIDE + step)
-            sequences = policy.rows_for_step(step, [train_data[i] for i in next(batches)])  # as read, or the student's
+            indices = next(batches)
+            sequences = policy.rows_for_step(step, [train_data[i] for i in indices])  # as read, or the student's
             micro_batches = build_step(sequences, pad_id, spec.objective, masker,
-                                       generator, rank, world, device, micro_batches=accum)
+                                       generator, rank, world, device, micro_batches=accum, indices=indices)
             step_values = torch.zeros(len(term_names), device=device)
             for micro, batch in enumerate(micro_batches):
                 with parallel.no_sync(trained_wrapped, last_micro=micro == accum - 1):

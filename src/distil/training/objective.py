@@ -46,6 +46,7 @@ class Batch:
     step_targets: int                # MLM targets or predicted positions in the whole optimizer step
     local_rows: int = 0              # sequences in these rows (sentence-embedding terms are means over sequences)
     step_rows: int = 0               # sequences in the whole optimizer step
+    sequence_ids: torch.Tensor | None = None  # each row's index in the prepared split (when build_step is told)
     kd_mask: torch.Tensor | None = None  # on-policy rows (training.on_policy): the soft-target positions, those that
                                          # produced the student's own tokens (counted as the targets); None: all real
 
@@ -67,12 +68,13 @@ def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMM
 
 def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker: MLMMasker | None,
                generator: torch.Generator | None, rank: int, world_size: int, device: torch.device,
-               micro_batches: int = 1) -> list[Batch]:
+               micro_batches: int = 1, indices: list[int] | None = None) -> list[Batch]:
     """Split one step batch into `micro_batches` consecutive micro-batches and keep this process's rows of each.
 
     Targets are drawn over the whole step batch (identically on every process), so how the step is split
     between processes and accumulation steps changes nothing that is computed. A process may get no rows of a
-    small final held-out batch: its Batch then has zero rows.
+    small final held-out batch: its Batch then has zero rows. `indices`: the sequences' indices in the prepared
+    split, kept per row as Batch.sequence_ids (a teacher-signal store is read by them).
     """
     if len(sequences) % micro_batches:
         raise ValueError(f"{len(sequences)} sequences do not split into {micro_batches} equal micro-batches")
@@ -97,6 +99,7 @@ def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker:
                              local_tokens=local_tokens, local_targets=local_targets,
                              step_tokens=step_tokens, step_targets=step_targets,
                              local_rows=len(r), step_rows=len(sequences),
+                             sequence_ids=torch.as_tensor(indices)[r.cpu()] if indices is not None else None,
                              kd_mask=kd_mask[r, :width] if kd_mask is not None else None))
     return batches
 

@@ -177,6 +177,10 @@ def keep_student_init(pending: Path | None, run_dir: Path) -> None:
 
 def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> Models:
     """Load teacher and student, run the start-up checks, and place both on `device`."""
+    if config.teacher.cache:  # a teacher-signal store stands in for the teacher (see distil.teacher_cache)
+        from distil.teacher_cache.training import load_models_from_cache
+
+        return load_models_from_cache(config, student_dir, device)
     loss = config.loss
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
     wants_sentence = loss.alpha_sentence_mse > 0 or loss.alpha_sentence_cos > 0

@@ -1,0 +1,8 @@
+"""A teacher-signal store: the teacher's sparse output distribution, cached once, trained from without the teacher.
+
+- `signals`: dense teacher logits -> top-k log-probabilities, rest mass and importance-sampled tail tokens;
+- `format`: the store's layout, manifest and quantisation (shared by writer and reader);
+- `writer`: `distil cache-teacher` (streaming, resumable, multi-process);
+- `reader`: a batch's sparse targets from the memory-mapped shards;
+- `training`: `teacher.cache: DIR` runs (start-up checks and the objective); the losses are distil.losses.sparse.
+"""

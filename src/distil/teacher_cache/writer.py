@@ -1,0 +1,316 @@
+"""`distil cache-teacher`: run the teacher once over prepared data and write its sparse signals to a store.
+
+Streaming: one shard (shard_size sequences) at a time, each written into memory-mapped .npy arrays under a
+temporary name and renamed when complete, so RAM stays flat in the corpus size and a killed run loses at most the
+shard it was writing. Resumable: a rerun with the same settings keeps the finished shards and writes the others
+(byte-identical output: a sequence's draws depend only on the seed and its index). Multi-process: under torchrun /
+accelerate launch, process r writes shards r, r + N, r + 2N, ...; the manifest is written once every shard is
+there. See distil.teacher_cache.format for the layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distil.data.dataset import TokenSequences, pad_batch, pad_id_of
+from distil.errors import DistilError
+from distil.outputs import check_output_dir, check_writable, human_size, remove_stale_leftovers, write_json_atomic, \
+    write_marker
+from distil.teacher_cache import format as fmt
+from distil.teacher_cache.signals import sequence_generator, sparse_signals
+
+log = logging.getLogger(__name__)
+
+HIDDEN_CHOICES = (None, "none", "last")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _process_group(rank: int | None, world: int | None):
+    """(rank, world, barrier, is_distributed): given explicitly (tests, manual slicing), or from the launcher."""
+    if rank is not None or world is not None:
+        return int(rank or 0), int(world or 1), (lambda: None), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes, state.wait_for_everyone, True
+    return 0, 1, (lambda: None), False
+
+
+def _check_settings(k: int, sampled: int, temperature: float, proposal_temperature: float, batch_size: int,
+                    shard_size: int, hidden_states, logprobs: str) -> None:
+    if k < 1:
+        raise DistilError(f"--top-k must be at least 1, got {k}.")
+    if sampled < 0:
+        raise DistilError(f"--sampled must be 0 or more, got {sampled}.")
+    if temperature <= 0 or proposal_temperature <= 0:
+        raise DistilError(f"--temperature and --proposal-temperature must be > 0, got {temperature} and "
+                          f"{proposal_temperature}. Use the temperature the recipe trains with (loss.temperature).")
+    if batch_size < 1 or shard_size < 1:
+        raise DistilError(f"--batch-size and --shard-size must be at least 1, got {batch_size} and {shard_size}.")
+    if hidden_states not in HIDDEN_CHOICES:
+        raise DistilError(f"--hidden-states must be none or last, got {hidden_states!r}.")
+    if logprobs not in fmt.LOGPROB_FORMATS:
+        raise DistilError(f"--logprobs must be one of {', '.join(fmt.LOGPROB_FORMATS)}, got {logprobs!r}.")
+
+
+def _load_teacher(teacher: str, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from distil.loading import load_config, load_model, load_tokenizer
+    from distil.training.setup import _head_missing, _is_bidirectional, _is_causal
+
+    config = load_config(teacher)
+    if _is_bidirectional(config):
+        objective, auto = "mlm", AutoModelForMaskedLM
+    elif _is_causal(config):
+        objective, auto = "clm", AutoModelForCausalLM
+    else:
+        raise DistilError(f"Cannot tell whether the teacher {teacher} ({config.model_type}) is an encoder with an MLM "
+                          "head or a causal decoder, so its output distribution cannot be cached.")
+    tokenizer = load_tokenizer(teacher)
+    model, info = load_model(teacher, auto, dtype=DTYPES[dtype])
+    if _head_missing(info):
+        raise DistilError(f"The teacher {teacher} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint "
+                          "holds only the encoder), so its output distribution would be a random head's. Cache a "
+                          "teacher with its head (distil fit-head gives a headless encoder one).")
+    return model.eval().requires_grad_(False), tokenizer, objective
+
+
+def _copy_teacher_files(teacher: str, model, tokenizer, target: Path) -> None:
+    """The teacher's config and tokenizer (and a sentence-transformers pooling config) beside the signals."""
+    from distil.loading import resolve_source
+
+    target.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    source = Path(resolve_source(teacher))
+    if source.is_dir():
+        for entry in source.iterdir():
+            if entry.name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+                shutil.copy2(entry, target / entry.name)
+            elif entry.is_dir() and entry.name.split("_", 1)[-1] in ("Pooling", "Normalize"):
+                shutil.copytree(entry, target / entry.name, dirs_exist_ok=True)
+
+
+def _same_plan(a: dict, b: dict) -> list[str]:
+    return [key for key in fmt.PLAN_KEYS if a.get(key) != b.get(key)]
+
+
+def _prepare_output(root: Path, plan: dict, overwrite: bool) -> bool:
+    """Make `root` ready for `plan`; returns whether it resumes an unfinished store with the same settings."""
+    if root.exists() and not root.is_dir():
+        raise DistilError(f"The output path {root} exists and is a file, not a directory. Choose another --output.")
+    check_writable(root)
+    existing_plan = fmt.read_json(root / fmt.PLAN) if root.is_dir() else None
+    finished = (root / fmt.MANIFEST).exists()
+    if existing_plan is not None and not finished and not overwrite:
+        differing = _same_plan(existing_plan, plan)
+        if differing:
+            raise DistilError(
+                f"{root} holds an unfinished teacher-signal store written with other settings ({', '.join(differing)} "
+                "differ). Nothing was changed. Run the command it was started with to finish it, or pass --overwrite "
+                "to start over with these settings."
+            )
+        return True
+    if root.is_dir() and any(root.iterdir()):
+        if finished and not overwrite:
+            raise DistilError(f"{root} already holds a finished teacher-signal store. Nothing was changed. Pass "
+                              "--overwrite to write it again, or choose another --output.")
+        check_output_dir(root, overwrite)  # refuses what distil did not write, even with --overwrite
+        shutil.rmtree(root)
+    remove_stale_leftovers(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_marker(root, "cache-teacher")
+    return False
+
+
+def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict, pad_id: int, batch_size: int,
+                 device: torch.device, bar) -> None:
+    final = root / fmt.shard_name(index)
+    remove_stale_leftovers(final)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    size = plan["shard_size"]
+    first, stop = index * size, min(len(data), (index + 1) * size)
+    lengths = data.lengths[first:stop].astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+    rows = int(offsets[-1])
+    k, sampled, logprobs = plan["k"], plan["sampled"], plan["logprobs"]
+    id_dtype = np.dtype(plan["ids_dtype"])
+    shapes = {"top_ids": ((rows, k), id_dtype), "log_rest": ((rows,), np.float16)}
+    if logprobs == "float16":
+        shapes["top_logp"] = ((rows, k), np.float16)
+    else:
+        shapes["head_logp"] = ((rows, fmt.COMPACT_HEAD), np.float16)
+        shapes["tail_poly"] = ((rows, fmt.COMPACT_DEGREE + 1), np.float32)
+    if sampled:
+        shapes.update(sample_ids=((rows, sampled), id_dtype), sample_logp=((rows, sampled), np.float16),
+                      sample_logw=((rows, sampled), np.float16))
+    want_hidden = plan["hidden_states"] == "last"
+    if want_hidden:
+        shapes["hidden"] = ((rows, plan["hidden_size"]), np.float16)
+    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+              for name, (shape, dtype) in shapes.items()}
+    vocab = plan["vocab_size"]
+    order = sorted(range(first, stop), key=lambda i: (-int(data.lengths[i]), i))  # similar lengths batched
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        ids, mask = pad_batch([data[i] for i in chosen], pad_id)
+        with torch.no_grad():
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=want_hidden,
+                        return_dict=True)
+        logits = out.logits[..., :vocab]
+        for row, seq in enumerate(chosen):
+            n, at = int(data.lengths[seq]), int(offsets[seq - first])
+            where = slice(at, at + n)
+            signals = sparse_signals(logits[row, :n].float().cpu(), k, plan["temperature"], sampled,
+                                     sequence_generator(plan["seed"], seq), plan["proposal_temperature"])
+            arrays["top_ids"][where] = signals.top_ids.numpy().astype(id_dtype)
+            arrays["log_rest"][where] = signals.log_rest.numpy()
+            for name, value in fmt.encode_logprobs(signals.top_logp.numpy(), logprobs).items():
+                arrays[name][where] = value
+            if sampled:
+                arrays["sample_ids"][where] = signals.sample_ids.numpy().astype(id_dtype)
+                arrays["sample_logp"][where] = signals.sample_logp.numpy()
+                arrays["sample_logw"][where] = signals.sample_logw.numpy()
+            if want_hidden:
+                arrays["hidden"][where] = out.hidden_states[-1][row, :n].float().cpu().numpy()
+        bar.update(len(chosen))
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
+    os.replace(tmp, final)
+
+
+def _shard_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of every array, bytes of the hidden states) of one shard."""
+    total = hidden = 0
+    for entry in path.iterdir():
+        total += entry.stat().st_size
+        if entry.name == "hidden.npy":
+            hidden += entry.stat().st_size
+    return total, hidden
+
+
+def _finish(root: Path, plan: dict, n_shards: int) -> dict | None:
+    """Write the manifest once every shard is complete; None while some are missing."""
+    size = plan["shard_size"]
+    missing = [i for i in range(n_shards) if not (root / fmt.shard_name(i)).is_dir()]
+    if missing:
+        return None
+    total = hidden = 0
+    shard_list = []
+    for i in range(n_shards):
+        path = root / fmt.shard_name(i)
+        b, h = _shard_bytes(path)
+        total, hidden = total + b, hidden + h
+        shard_list.append({"name": path.name, "first_sequence": i * size,
+                           "sequences": min(plan["data"]["sequences"], (i + 1) * size) - i * size})
+    positions = plan["data"]["positions"]
+    manifest = {**plan, "shards": shard_list, "bytes": total,
+                "bytes_per_token": round(total / max(positions, 1), 2),
+                "signal_bytes_per_token": round((total - hidden) / max(positions, 1), 2)}
+    write_json_atomic(root / fmt.MANIFEST, manifest)
+    return manifest
+
+
+def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sampled: int = 0, temperature: float = 2.0,
+                  split: str = "train", batch_size: int = 8, max_length: int | None = None, overwrite: bool = False,
+                  hidden_states: str | None = None, logprobs: str = "float16", proposal_temperature: float = 1.0,
+                  seed: int = 0, shard_size: int = 1024, dtype: str = "float32", progress: bool = True,
+                  rank: int | None = None, world: int | None = None) -> dict:
+    """Write the teacher-signal store of `teacher` over split `split` of prepared `data` into `output`.
+
+    Returns the manifest when the store is complete (this process wrote the last shards), else the plan with
+    `"finished": False` (other processes, or slices given by rank/world, still have shards to write)."""
+    from distil.loading import hidden_size_of, vocab_size_of
+    from distil.training.setup import check_data_matches_tokenizer
+
+    hidden_states = None if hidden_states in (None, "none") else hidden_states
+    _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states, logprobs)
+    if dtype not in DTYPES:
+        raise DistilError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    rank, world, barrier, distributed = _process_group(rank, world)
+    if not 0 <= rank < world:
+        raise DistilError(f"Process {rank} of {world} does not exist: the rank must be in 0..{world - 1}.")
+    sequences = TokenSequences(data, split, max_length)   # refuses a missing directory or split
+    manifest = sequences.manifest
+    model, tokenizer, objective = _load_teacher(teacher, dtype)
+    check_data_matches_tokenizer(data, tokenizer, model.config)
+    vocab = min(vocab_size_of(model.config), len(tokenizer))  # padding rows of the output layer are no tokens
+    if top_k > vocab or (sampled and top_k >= vocab):
+        raise DistilError(f"--top-k {top_k} is too large for the teacher's {vocab}-token vocabulary"
+                          f"{' (with --sampled, the tail outside the top-k must hold tokens to draw)' if sampled else ''}."
+                          f" Use --top-k {vocab - 1 if sampled else vocab} or less.")
+    lengths = sequences.lengths
+    plan = {
+        "kind": fmt.KIND, "format_version": fmt.FORMAT_VERSION,
+        "teacher": {"config_hash": fmt.config_hash(model.config), "model_type": model.config.model_type,
+                    "num_hidden_layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
+                    "hidden_size": hidden_size_of(model.config)},
+        "teacher_path": str(teacher),
+        "vocab_size": vocab, "tokenizer_fingerprint": manifest["tokenizer"]["vocab_fingerprint"],
+        "objective": objective, "k": top_k, "sampled": sampled, "temperature": float(temperature),
+        "proposal_temperature": float(proposal_temperature), "seed": seed, "split": split,
+        "data": {"fingerprint": fmt.data_fingerprint(data, split), "max_length": max_length,
+                 "sequences": len(sequences), "positions": int(lengths.sum())},
+        "data_path": str(data),
+        "ids_dtype": fmt.ids_dtype(vocab).str, "logprobs": fmt.logprob_format_for(logprobs, top_k),
+        "log_rest_dtype": "float16", "sample_dtype": "float16",
+        "hidden_states": hidden_states, "hidden_size": hidden_size_of(model.config) if hidden_states else None,
+        "shard_size": shard_size,
+    }
+    root = Path(output)
+    if rank == 0:
+        resumed = _prepare_output(root, plan, overwrite)
+        if not resumed:
+            _copy_teacher_files(teacher, model, tokenizer, root / fmt.TEACHER_DIR)
+            write_json_atomic(root / fmt.PLAN, plan)
+    barrier()
+    if rank != 0:
+        existing = fmt.read_json(root / fmt.PLAN)
+        if existing is None or _same_plan(existing, plan):
+            raise DistilError(f"Process {rank} finds no plan for these settings in {root}: start every process with "
+                              "the same command (process 0 writes the plan).")
+    n_shards = -(-len(sequences) // shard_size)
+    mine = [i for i in range(rank, n_shards, world) if not (root / fmt.shard_name(i)).is_dir()]
+    done = len(range(rank, n_shards, world)) - len(mine)
+    if done:
+        log.info("%s: %d of this process's shards are finished already and kept", root, done)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    pad_id = pad_id_of(manifest)
+    todo = sum(min(len(sequences), (i + 1) * shard_size) - i * shard_size for i in mine)
+    started = time.perf_counter()
+    with tqdm(total=todo, unit="seq", desc="cache-teacher", disable=not (progress and rank == 0),
+              dynamic_ncols=True) as bar:
+        for index in mine:
+            _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar)
+    elapsed = time.perf_counter() - started
+    barrier()
+    if rank == 0 or not distributed:
+        result = _finish(root, plan, n_shards)
+    else:
+        result = None
+    barrier()
+    if result is None:
+        log.info("%s: this process's %d shards are written; the store is finished when every process's are",
+                 root, len(mine))
+        return {**plan, "finished": False}
+    log.info("teacher-signal store %s: %d sequences, %d positions, %s (%.1f bytes per token; %.1f without hidden "
+             "states), k=%d, k'=%d, T=%g, in %.1f s", root, len(sequences), plan["data"]["positions"],
+             human_size(result["bytes"]), result["bytes_per_token"], result["signal_bytes_per_token"], top_k, sampled,
+             temperature, elapsed)
+    return {**result, "finished": True}
