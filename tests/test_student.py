@@ -442,3 +442,16 @@ def test_bad_input_teacher_without_tokenizer_is_said_and_tokenizer_option_fills_
     with_tokenizer = teacher_dir(tmp_path, "bert")
     init_student(str(bare), str(tmp_path / "s2"), layers=None, num_layers=1, tokenizer=str(with_tokenizer))
     assert (tmp_path / "s2" / "tokenizer.json").exists()
+
+
+def test_student_of_a_quantized_teacher_config_is_saved_unquantized(tmp_path):
+    """A GGUF teacher's config records its quantization; the student holds float weights and must save."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama(num_layers=4).config
+    config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    student_config = shrink_config(config, [0, 3])
+    assert getattr(student_config, "quantization_config", None) is None
+    assert "quantization_config" not in student_config.to_dict()
+    AutoModelForCausalLM.from_config(student_config).save_pretrained(tmp_path / "student")
+    assert config.quantization_config["quant_method"] == "gguf"  # the teacher's own config is left as it was

@@ -427,6 +427,11 @@ def shrink_config(config, layers: list[int]):
             setattr(student_cfg, name, type(value)(value[i] for i in layers))
             sliced.append(name)
     student_cfg.num_hidden_layers = len(layers)  # attribute maps send this to n_layer, n_layers, ...
+    if getattr(student_cfg, "quantization_config", None) is not None:
+        # A teacher loaded from GGUF (or another quantized checkpoint) records it in its config; the student holds
+        # plain float weights, and with the record kept save_pretrained would refuse to write it.
+        del student_cfg.quantization_config
+        logger.info("The student holds unquantized weights: the teacher's quantization_config is not copied.")
     if getattr(config, "is_heterogeneous", False):
         # Sparse per-layer overrides are keyed by layer index: keep the chosen layers' under their new index.
         overrides = {int(k): v for k, v in (config.to_dict().get("per_layer_config") or {}).items()}
