@@ -128,6 +128,49 @@ def test_teacher_cache_compact_logprobs_fit_and_size():
     assert per_token <= 300
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("case", ["forward_kl", "forward_kl_sampled", "forward_kl_sharp", "jsd", "reverse_kl"])
+def test_teacher_cache_sparse_head_equals_plain_formulation(case, T):
+    """The chunked sparse head (output layer + sparse soft targets + cross-entropy) = the plain losses, values and
+    gradients, with rows left out of the soft-target term and rows without a label."""
+    from distil.losses import masked_lm_loss
+    from distil.teacher_cache.sparse_head import SparseHeadTerms, sparse_head_losses
+
+    gen = torch.Generator().manual_seed(5)
+    n, d, vocab = 300, 12, 40
+    divergence = case.removesuffix("_sampled").removesuffix("_sharp")
+    hidden = torch.randn(n, d, generator=gen)
+    projection = torch.nn.Linear(d, vocab)
+    teacher = torch.randn(n, vocab, generator=gen) * 3
+    if case.endswith("sharp"):  # the student puts almost all its mass on the teacher's top-k (Q ~ 0)
+        with torch.no_grad():
+            projection.weight.mul_(25)
+            teacher = projection(hidden) + torch.randn(n, vocab, generator=gen)
+    kd_rows = torch.rand(n, generator=gen) > 0.2
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) > 0.6] = -100
+    sampled = 5 if case.endswith("sampled") else 0
+    targets = _targets(teacher[kd_rows], 6, T, sampled, torch.Generator().manual_seed(0))
+    terms = SparseHeadTerms(T, divergence, coef_ce=0.7, coef_lm=0.3)
+
+    h1 = hidden.clone().requires_grad_(True)
+    total, sums = sparse_head_losses(h1, projection, kd_rows, labels, targets, terms, chunk=64)
+    total.backward()
+    head_grads = (h1.grad, projection.weight.grad.clone(), projection.bias.grad.clone())
+    projection.zero_grad()
+
+    h2 = hidden.clone().requires_grad_(True)
+    logits = projection(h2)
+    labelled = int((labels != -100).sum())
+    plain_ce = sparse_soft_target_loss(logits[kd_rows], targets, T, divergence) * int(kd_rows.sum())
+    plain_lm = masked_lm_loss(logits, labels) * labelled
+    (0.7 * plain_ce + 0.3 * plain_lm).backward()
+    assert sums[0].item() == pytest.approx(plain_ce.item(), rel=1e-4)
+    assert sums[1].item() == pytest.approx(plain_lm.item(), rel=1e-4)
+    for got, want in zip(head_grads, (h2.grad, projection.weight.grad, projection.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
 # --- the store ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -248,6 +291,18 @@ def test_teacher_cache_training_runs_without_a_teacher_and_loss_goes_down(traine
     assert "loss_cos" in rows[30] and rows[30]["loss_cos"] < rows[1]["loss_cos"]
     assert "student_clm" in summary["heldout"] and "kd" not in summary["heldout"]
     assert (root / "run-cached" / "student" / "config.json").exists()
+
+    # the fused sparse head and the plain logits compute the same step
+    plain = load_config(_recipe(root, data, store, student, "run-cached-plain", alpha_clm=0.5, alpha_cos=0.5,
+                                hidden_layers="last"), ["optim.max_steps=2", "run.fused_head=false"])
+    fused = load_config(_recipe(root, data, store, student, "run-cached-fused", alpha_clm=0.5, alpha_cos=0.5,
+                                hidden_layers="last"), ["optim.max_steps=2"])
+    train(plain)
+    train(fused)
+    a, b = train_rows(root / "run-cached-plain"), train_rows(root / "run-cached-fused")
+    for step in (1, 2):
+        for name in ("loss_ce", "loss_clm", "loss_cos"):
+            assert a[step][name] == pytest.approx(b[step][name], rel=1e-4)
 
     # CLM alone needs no teacher signal and keeps working with a store
     config = load_config(_recipe(root, data, store, student, "run-cached-clm", alpha_ce=0.0, alpha_clm=1.0))

@@ -179,7 +179,9 @@ class CachedObjective:
         self.store = teacher.store
         self.teacher = teacher
         self.student = student
-        self.fused = None  # the sparse terms need the student's logits at the stored ids: the plain output layer
+        # (student projection, None) when the output layer can be fused (run.fused_head): the sparse head computes
+        # the student's logits chunk by chunk; else the plain logits.
+        self.fused = fused
         self.autocast = autocast
         self.teacher_norm = None
         self.student_norm = final_norm_of(student)
@@ -197,17 +199,22 @@ class CachedObjective:
         counts = real.sum(dim=1).tolist()
         targets = self.store.targets(batch.sequence_ids.tolist(), counts, want_hidden=spec.needs_hidden,
                                      device=batch.input_ids.device)
-        s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
+        if self.fused is not None and spec.needs_logits:
+            total, logit_shares, s_hidden = self._fused_logit_terms(student_module, batch, targets)
+            s_logits = None
+        else:
+            total, logit_shares = None, {}
+            s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
         t_hidden = None
         if spec.needs_hidden:
             final = torch.zeros(*real.shape, targets.hidden.shape[-1], dtype=s_hidden.final.dtype,
                                 device=real.device)
             final[real] = targets.hidden.to(final.dtype)
             t_hidden = HiddenStates(blocks=(None,) * self.n_teacher + (final,), final=final)
-        others = tuple(name for name in spec.weights if name != "ce")
+        others = tuple(name for name in spec.weights if name != "ce" and name not in logit_shares)
         terms = compute_terms(spec, batch, s_logits, s_hidden, None, t_hidden, only=others, project=self.project) \
             if others else {}
-        if "ce" in spec.weights:
+        if "ce" in spec.weights and "ce" not in logit_shares:
             logits = s_logits[..., :spec.vocab_limit] if spec.vocab_limit is not None else s_logits
             rows = logits[real]
             if spec.restrict_ce_to_mask:
@@ -220,7 +227,42 @@ class CachedObjective:
                                             spec.skew_alpha)
             terms["ce"] = (value, local, step)
         shares = step_share(terms)
-        return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
+        rest = weighted_total(shares, spec.weights) if shares else 0.0
+        shares.update(logit_shares)
+        total = rest if total is None else total + rest
+        return total, {k: v.detach() for k, v in shares.items()}
+
+    def _fused_logit_terms(self, student_module, batch, targets):
+        """(weighted logit terms, their step shares, student HiddenStates or None) through the sparse head: the
+        student's output layer, the soft-target term and the LM cross-entropy in row chunks."""
+        from distil.teacher_cache.sparse_head import SparseHeadTerms, sparse_head_losses
+        from distil.training.fused_head import projection_replaced
+        from distil.training.objective import forward, row_targets
+
+        spec = self.train_spec
+        projection = self.fused[0]
+        flat_real, kd_rows, row_labels = row_targets(spec, batch)
+        kd_targets = targets if bool(kd_rows.all()) else targets.rows(kd_rows)
+        kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
+        lm_name = "clm" if spec.objective == "clm" else "mlm"
+        w = spec.weights
+        terms = SparseHeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
+                                skew_alpha=spec.skew_alpha, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
+                                coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
+        shares: dict = {}
+
+        def head(states):  # runs where the student calls its output layer, inside its forward
+            hidden = states.reshape(-1, states.shape[-1])[flat_real]
+            total, sums = sparse_head_losses(hidden, projection, kd_rows, row_labels, kd_targets, terms,
+                                             vocab_limit=spec.vocab_limit)
+            for index, name, denominator in ((0, "ce", kd_step), (1, lm_name, batch.step_targets)):
+                if name in w:
+                    shares[name] = sums[index] / max(denominator, 1)
+            return total
+
+        with projection_replaced(projection, head):
+            total, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
+        return total, shares, s_hidden
 
 
 def objective_for(models):

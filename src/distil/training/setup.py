@@ -477,8 +477,9 @@ def fused_projections(config: TrainConfig, models, spec) -> tuple | None:
     if not (config.run.fused_head and spec.needs_logits):
         return None
     s_proj = output_projection(models.student)
-    t_proj = output_projection(models.teacher) if spec.needs_teacher_logits else None
-    if s_proj is None or (spec.needs_teacher_logits and t_proj is None):
+    teacher_head = spec.needs_teacher_logits and not config.teacher.cache  # a store holds the teacher's output
+    t_proj = output_projection(models.teacher) if teacher_head else None
+    if s_proj is None or (teacher_head and t_proj is None):
         log.info("The output layer is not a plain linear projection; using the unfused logit losses.")
         return None
     return s_proj, t_proj
