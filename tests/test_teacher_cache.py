@@ -363,6 +363,20 @@ def test_teacher_cache_refuses_other_data_and_hidden_terms_without_hidden_states
         train(config)
 
 
+def test_teacher_cache_with_teacher_path_checks_it_is_the_same_teacher(trained_setup, workspace):
+    from distil.training.loop import train
+
+    root, data, store, student = trained_setup
+    _, teacher, _ = workspace  # the teacher the store was written from (a copy of it, since without weights)
+    recipe = _recipe(root, data, store, student, "run-with-path")
+    config = load_config(recipe, [f"teacher.path={teacher}", "optim.max_steps=2"])
+    assert train(config)["steps"] == 2
+    other = teacher_dir(root, "llama", num_layers=2)
+    config = load_config(recipe, [f"teacher.path={other}", "optim.max_steps=2", "run.overwrite=true"])
+    with pytest.raises(DistilError, match="is not the teacher the store"):
+        train(config)
+
+
 def test_teacher_cache_cli_errors_are_one_paragraph(workspace, tmp_path, capsys):
     from distil.cli import main
 

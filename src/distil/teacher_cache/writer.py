@@ -82,7 +82,7 @@ def _load_teacher(teacher: str, dtype: str):
         raise DistilError(f"The teacher {teacher} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint "
                           "holds only the encoder), so its output distribution would be a random head's. Cache a "
                           "teacher with its head (distil fit-head gives a headless encoder one).")
-    return model.eval().requires_grad_(False), tokenizer, objective
+    return model.eval().requires_grad_(False), tokenizer, objective, config
 
 
 def _copy_teacher_files(teacher: str, model, tokenizer, target: Path) -> None:
@@ -247,7 +247,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
         raise DistilError(f"Process {rank} of {world} does not exist: the rank must be in 0..{world - 1}.")
     sequences = TokenSequences(data, split, max_length)   # refuses a missing directory or split
     manifest = sequences.manifest
-    model, tokenizer, objective = _load_teacher(teacher, dtype)
+    model, tokenizer, objective, teacher_config = _load_teacher(teacher, dtype)
     check_data_matches_tokenizer(data, tokenizer, model.config)
     vocab = min(vocab_size_of(model.config), len(tokenizer))  # padding rows of the output layer are no tokens
     if top_k > vocab or (sampled and top_k >= vocab):
@@ -257,7 +257,8 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     lengths = sequences.lengths
     plan = {
         "kind": fmt.KIND, "format_version": fmt.FORMAT_VERSION,
-        "teacher": {"config_hash": fmt.config_hash(model.config), "model_type": model.config.model_type,
+        # the hash of the configuration as training reads it from teacher.path (load_config), to compare
+        "teacher": {"config_hash": fmt.config_hash(teacher_config), "model_type": model.config.model_type,
                     "num_hidden_layers": int(getattr(model.config, "num_hidden_layers", 0) or 0),
                     "hidden_size": hidden_size_of(model.config)},
         "teacher_path": str(teacher),
