@@ -242,6 +242,29 @@ def test_teacher_cache_resume_keeps_finished_shards_and_gives_identical_bytes(wo
     assert _files(partial) == expected
 
 
+def test_teacher_cache_two_processes_write_the_same_store(workspace):
+    """Under torchrun each process writes its slice of shards; the manifest appears once all are there, and the
+    store is the one a single process writes."""
+    import subprocess
+    import sys
+
+    from train_fixtures import free_port, subprocess_env
+
+    root, teacher, data = workspace
+    args = ["--teacher", str(teacher), "--data", str(data), "--top-k", "6", "--sampled", "3", "--shard-size", "10"]
+    single, multi = root / "store-single", root / "store-multi"
+    cache_teacher(str(teacher), str(data), str(single), top_k=6, sampled=3, shard_size=10, progress=False)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "distil", "cache-teacher", *args, "--output", str(multi)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    skip = {"teacher/tokenizer_config.json"}  # records whether the hub was reachable (offline in the subprocess)
+    a = {k: v for k, v in _files(single).items() if k not in skip}
+    b = {k: v for k, v in _files(multi).items() if k not in skip}
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != fmt.MANIFEST)
+    assert TeacherStore(multi).manifest["shards"] == TeacherStore(single).manifest["shards"]
+
+
 # --- training from the store --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -306,6 +306,8 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     else:
         result = None
     barrier()
+    if result is None and distributed:  # process 0 wrote the manifest
+        result = fmt.read_json(root / fmt.MANIFEST)
     if result is None:
         log.info("%s: this process's %d shards are written; the store is finished when every process's are",
                  root, len(mine))
