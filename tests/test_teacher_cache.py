@@ -419,3 +419,22 @@ def test_teacher_cache_cli_errors_are_one_paragraph(workspace, tmp_path, capsys)
                  "--top-k", "4", "--overwrite"])
     assert code == 2 and "did not write" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_teacher_cache_masked_lm_teacher_trains_from_its_store(tmp_path):
+    """An MLM teacher (BERT): its clean-text distribution is cached; a DistilBERT student trains from it with MLM."""
+    from distil.student import init_student
+    from distil.training.loop import train
+
+    teacher = teacher_dir(tmp_path, "bert", num_layers=2)
+    data = prepared_data(tmp_path, teacher, name="data", n_lines=60)
+    student = tmp_path / "student"
+    init_student(str(teacher), str(student), layers=None, num_layers=1)
+    store = tmp_path / "store"
+    manifest = cache_teacher(str(teacher), str(data), str(store), top_k=8, temperature=2.0, progress=False)
+    assert manifest["objective"] == "mlm"
+    recipe = _recipe(tmp_path, data, store, student, "run-mlm", alpha_clm=0.0, alpha_mlm=1.0, restrict_ce_to_mask=True)
+    summary = train(load_config(recipe, ["optim.max_steps=4"]))
+    rows = train_rows(tmp_path / "run-mlm")
+    assert summary["steps"] == 4 and {"loss_ce", "loss_mlm"} <= set(rows[4])
+    assert all(math.isfinite(rows[s]["loss_ce"]) for s in rows)
