@@ -5,7 +5,6 @@ trains without a teacher, and refuses what it cannot do with clear messages."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -195,8 +194,6 @@ def test_padded_vocab_real_mismatch_is_refused(workspace):
 
 
 def test_hidden_size_mismatch_with_hidden_loss(workspace):
-    from tiny_models import tiny_bert
-
     student = workspace / "student-wide"
     from transformers import BertConfig, BertForMaskedLM
 

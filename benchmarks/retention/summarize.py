@@ -10,7 +10,6 @@ import argparse
 import csv
 import json
 import statistics
-import sys
 from collections import Counter
 
 
