@@ -53,6 +53,24 @@ def test_model_card_base_model_for_hub_teachers():
     assert "self-attention relations" in relations and "base_model" not in ModelCard(relations).data.to_dict()
 
 
+def test_model_card_names_the_divergence_the_run_used():
+    from distil.model_card import student_card
+
+    def card(loss: dict, teacher: dict | None = None) -> str:
+        return student_card(teacher="./local", objective="clm", has_lm_head=True, weights={"ce": 1.0},
+                            temperature=1.0, recipe={"loss": loss, "teacher": teacher or {}}, steps=1, tokens_seen=1,
+                            n_parameters=1, heldout={})
+
+    assert "(KL at temperature 1, scaled by T^2)" in card({"divergence": "forward_kl"})
+    assert "(reverse KL at temperature 1" in card({"divergence": "reverse_kl"})
+    assert "Jensen-Shannon divergence, beta 0.3, at temperature 1" in card({"divergence": "jsd", "jsd_beta": 0.3})
+    assert "(skew KL, alpha 0.2, at" in card({"divergence": "skew_kl", "skew_alpha": 0.2})
+    assert "(total variation distance at" in card({"divergence": "tvd"})
+    on_policy = card({"divergence": "jsd", "on_policy_fraction": 0.5}, {"cache": None})
+    assert "on the student's own generations for 50% of the steps" in on_policy and "store" not in on_policy
+    assert "read from a teacher-signal store" in card({}, {"cache": "signals/"})
+
+
 def test_model_card_gets_the_evaluation_as_model_index(distilled):
     root, teacher, data, student, _ = distilled
     results = evaluate([f"teacher={teacher}", f"student={student}"], data=[str(data)], max_sequences=16, max_length=32,

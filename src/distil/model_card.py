@@ -63,9 +63,29 @@ def teacher_license(teacher: str) -> str | None:
     return None
 
 
-def objective_in_words(objective: str, weights: dict[str, float], temperature: float) -> str:
+def soft_target_in_words(temperature: float, loss: dict, teacher_cache: str | None = None) -> str:
+    """The soft-target term as the recipe set it: which divergence, on whose text, from where."""
+    kind = loss.get("divergence", "forward_kl")
+    divergence = {
+        "forward_kl": "KL",
+        "reverse_kl": "reverse KL",
+        "jsd": f"generalised Jensen-Shannon divergence, beta {loss.get('jsd_beta', 0.5):g},",
+        "skew_kl": f"skew KL, alpha {loss.get('skew_alpha', 0.1):g},",
+        "skew_reverse_kl": f"skew reverse KL, alpha {loss.get('skew_alpha', 0.1):g},",
+        "tvd": "total variation distance",
+    }.get(kind, kind)
+    words = f"the teacher's softened output distribution ({divergence} at temperature {temperature:g}, scaled by T^2)"
+    if loss.get("on_policy_fraction"):
+        words += f", on the student's own generations for {loss['on_policy_fraction']:.0%} of the steps"
+    if teacher_cache:
+        words += ", read from a teacher-signal store (distil cache-teacher)"
+    return words
+
+
+def objective_in_words(objective: str, weights: dict[str, float], temperature: float, loss: dict | None = None,
+                       teacher_cache: str | None = None) -> str:
     words = {
-        "ce": f"the teacher's softened output distribution (KL at temperature {temperature:g}, scaled by T^2)",
+        "ce": soft_target_in_words(temperature, loss or {}, teacher_cache),
         "mlm": "masked-language-model cross-entropy on the data",
         "clm": "next-token cross-entropy on the data",
         "mse": "the teacher's logits (squared error)",
@@ -105,7 +125,8 @@ def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: di
         f"# Student distilled from {teacher}", "",
         f"Made with distil's `distil train` ({recipe.get('name') or 'custom recipe'}):"
         f" {steps:,} optimizer steps, {tokens_seen:,} tokens seen, {n_parameters / 1e6:.1f}M parameters.", "",
-        objective_in_words(objective, weights, temperature), "",
+        objective_in_words(objective, weights, temperature, recipe.get("loss"),
+                           (recipe.get("teacher") or {}).get("cache")), "",
         "Load it with plain transformers:", "", "```python",
         "from transformers import AutoModel, AutoTokenizer",
         "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
