@@ -296,7 +296,9 @@ def _recipe(root, data, store, student, name, **loss):
     return path
 
 
-def test_teacher_cache_training_runs_without_a_teacher_and_loss_goes_down(trained_setup):
+def test_teacher_cache_training_runs_without_a_teacher_and_loss_goes_down(trained_setup, caplog):
+    import logging
+
     from distil.training.loop import train
 
     root, data, store, student = trained_setup
@@ -304,7 +306,13 @@ def test_teacher_cache_training_runs_without_a_teacher_and_loss_goes_down(traine
     recipe = _recipe(root, data, store, student, "run-cached", alpha_clm=0.0, alpha_cos=0.5, hidden_layers="last")
     config = load_config(recipe)
     assert config.teacher.path == "" and config.teacher.cache == str(store)
-    summary = train(config)
+    with caplog.at_level(logging.INFO, logger="distil"):
+        summary = train(config)
+    said = [r.getMessage() for r in caplog.records]
+    # the start-up log says where the teacher's signals come from, not "teacher: 0.0M parameters"
+    assert f"teacher: signals read from the store {store} (top-16 + 4 sampled at temperature 2; no teacher model " \
+           "loaded)" in said
+    assert not [m for m in said if m.startswith("teacher ") or "% of the teacher" in m]
     assert summary["steps"] == 30
     rows = train_rows(root / "run-cached")
     first = np.mean([rows[s]["loss_ce"] for s in range(1, 6)])

@@ -266,11 +266,20 @@ def _oom_message(config: TrainConfig, models, step: int) -> str:
 
 
 def _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec) -> None:
-    n_teacher = sum(p.numel() for p in models.teacher.parameters())
     n_student = sum(p.numel() for p in models.student.parameters())
-    log.info("teacher %s: %.1fM parameters%s", config.teacher.path, n_teacher / 1e6,
-             "" if models.teacher_has_head else " (no LM head: hidden-state losses only)")
-    log.info("student: %.1fM parameters (%.0f%% of the teacher)", n_student / 1e6, 100 * n_student / max(1, n_teacher))
+    store = getattr(models.teacher, "store", None)
+    if store is not None:  # no teacher model: its signals come from a store (the teacher's size is its config's)
+        m = store.manifest
+        log.info("teacher: signals read from the store %s (top-%d%s at temperature %g; no teacher model loaded)",
+                 config.teacher.cache, m["k"], f" + {m['sampled']} sampled" if m.get("sampled") else "",
+                 m["temperature"])
+        n_teacher = 0
+    else:
+        n_teacher = sum(p.numel() for p in models.teacher.parameters())
+        log.info("teacher %s: %.1fM parameters%s", config.teacher.path, n_teacher / 1e6,
+                 "" if models.teacher_has_head else " (no LM head: hidden-state losses only)")
+    log.info("student: %.1fM parameters%s", n_student / 1e6,
+             f" ({100 * n_student / n_teacher:.0f}% of the teacher)" if n_teacher else "")
     log.info("objective: %s; data: %d sequences; %d processes x batch %d x accumulation %d = %d sequences per step "
              "(every loss is a mean over the whole step); %d steps", spec.objective, len(train_data), world,
              config.data.batch_size, accum, global_batch * accum, total_steps)
