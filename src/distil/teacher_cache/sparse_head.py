@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from distil.losses.sparse import LOG_FLOOR, SparseTargets, bucketed_divergence_sum
-from distil.training.fused_head import _logits_into, _workspace
+from distil.training.fused_head import HeadGradients, _logits_into, _workspace
 
 CHUNK_ROWS = 128
 
@@ -56,9 +56,7 @@ class _SparseHead(torch.autograd.Function):
                 chunk: int):
         n, vocab = hidden.shape[0], weight.shape[0]
         T = terms.temperature
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        grads = HeadGradients(hidden, weight, bias)
         sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # soft targets, cross-entropy
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
@@ -128,29 +126,15 @@ class _SparseHead(torch.autograd.Function):
                 value, d = _autograd_soft_target(s.index_select(0, kd), t, terms)
                 sums[0] += value
                 grad.index_add_(0, kd, d.mul_(terms.coef_ce))
-            g = grad.to(hidden.dtype)
-            if g.dtype == torch.float32 and w.dtype == torch.float32:
-                torch.mm(g, w, out=grad_hidden[rows])
-                grad_weight.addmm_(g.t(), h)
-            else:
-                grad_hidden[rows] = g @ w
-                grad_weight += (g.t() @ h).float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if grad_bias is not None else torch.empty(0))
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+            grads.add(rows, grad, h, w)
+        grads.save(ctx)
         total = terms.coef_ce * sums[0] + terms.coef_lm * sums[1]
         ctx.mark_non_differentiable(sums)
         return total, sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        scale = grad_total.float()
-        return (grad_hidden.mul_(scale).to(h_dtype), grad_weight.mul_(scale).to(w_dtype),
-                grad_bias.mul_(scale).to(w_dtype) if ctx.has_bias else None, None, None, None, None, None)
+        return HeadGradients.scaled(ctx, grad_total) + (None,) * 5
 
 
 def sparse_head_losses(hidden, projection, kd_rows, labels, targets: SparseTargets, terms: SparseHeadTerms,

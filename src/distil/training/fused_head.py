@@ -184,15 +184,56 @@ def _divergence_and_grad(s: torch.Tensor, t: torch.Tensor, kd: torch.Tensor, ter
     return value.detach(), d_logits
 
 
+class HeadGradients:
+    """The gradients of a fused head's loss with respect to its hidden states, weight and bias, accumulated in
+    float32 chunk by chunk during the forward and handed to backward, scaled by the incoming gradient."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.hidden = torch.zeros_like(hidden, dtype=torch.float32)
+        self.weight = torch.zeros_like(weight, dtype=torch.float32)
+        self.bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        self.dtypes = (hidden.dtype, weight.dtype)
+
+    def add(self, rows: slice, grad: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        """Add one chunk: `grad` is d loss / d logits of the chunk's rows `h` (float32), `w` the weight used."""
+        g = grad.to(h.dtype)
+        if g.dtype == torch.float32 and w.dtype == torch.float32:
+            torch.mm(g, w, out=self.hidden[rows])
+            self.weight.addmm_(g.t(), h)
+        else:
+            self.hidden[rows] = g @ w
+            self.weight += (g.t() @ h).float()
+        if self.bias is not None:
+            self.bias += grad.sum(0)
+
+    def save(self, ctx) -> None:
+        ctx.save_for_backward(self.hidden, self.weight, self.bias if self.bias is not None else torch.empty(0))
+        ctx.has_bias = self.bias is not None
+        ctx.dtypes = self.dtypes
+        ctx.used = False
+
+    @staticmethod
+    def scaled(ctx, grad_total: torch.Tensor) -> tuple:
+        """(d hidden, d weight, d bias or None), times the loss's incoming gradient."""
+        if ctx.used:
+            raise RuntimeError("the fused head's gradients are scaled in place; backward through it runs once")
+        ctx.used = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        scale = grad_total.float()
+        # In place: these buffers exist only for this backward, and a weight-sized copy costs a page-faulted
+        # allocation per step.
+        return (grad_hidden.mul_(scale).to(h_dtype), grad_weight.mul_(scale).to(w_dtype),
+                grad_bias.mul_(scale).to(w_dtype) if ctx.has_bias else None)
+
+
 class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, kd_rows, labels,
                 terms: HeadTerms, chunk: int, transforms: tuple):
         n, vocab = hidden.shape[0], weight.shape[0]
         T = terms.temperature
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        grads = HeadGradients(hidden, weight, bias)
         sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)  # ce, mse, lm
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
@@ -275,37 +316,16 @@ class _FusedHead(torch.autograd.Function):
                 del lm_grad
             if s_transform is not None:  # back through the transform to the projected logits
                 _chain_(grad, s_transform, work[3, :c] if capped else None)
-            g = grad.to(hidden.dtype)
-            if g.dtype == torch.float32 and w.dtype == torch.float32:
-                torch.mm(g, w, out=grad_hidden[rows])
-                grad_weight.addmm_(g.t(), h)
-            else:
-                grad_hidden[rows] = g @ w
-                grad_weight += (g.t() @ h).float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-            del g, grad
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if grad_bias is not None else torch.empty(0))
-        ctx.has_bias = bias is not None
-        ctx.used = False
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+            grads.add(rows, grad, h, w)
+            del grad
+        grads.save(ctx)
         total = terms.coef_ce * sums[0] + terms.coef_mse * sums[1] + terms.coef_lm * sums[2]
         ctx.mark_non_differentiable(sums)
         return total, sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
-        if ctx.used:
-            raise RuntimeError("the fused head's gradients are scaled in place; backward through it runs once")
-        ctx.used = True
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        scale = grad_total.float()
-        # In place: these buffers exist only for this backward, and a weight-sized copy costs a page-faulted
-        # allocation per step.
-        return (grad_hidden.mul_(scale).to(h_dtype), grad_weight.mul_(scale).to(w_dtype),
-                grad_bias.mul_(scale).to(w_dtype) if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None)
+        return HeadGradients.scaled(ctx, grad_total) + (None,) * 8
 
 
 def _full(tensor):
