@@ -59,7 +59,11 @@ def assert_fused_equals_plain(spec, batch, student, teacher):
         assert shares_fused[name].item() == pytest.approx(shares_plain[name].item(), rel=1e-5, abs=1e-7), name
     assert grads_fused.keys() == grads_plain.keys()
     for name in grads_plain:
-        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums: an element where large contributions cancel keeps an error of the size of the largest
+        # ones' rounding, so the absolute tolerance follows the tensor's scale (an element of 3,072 was 3.8e-6
+        # apart at a largest gradient of 13.5, with Gemma-2 soft-capping on the student's side)
+        scale = max(1.0, grads_plain[name].abs().max().item())
+        torch.testing.assert_close(grads_fused[name], grads_plain[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 @pytest.mark.parametrize("family,objective,restrict", [
