@@ -60,7 +60,7 @@ def main() -> None:
                               "--hidden", str(args.hidden)], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
-    print(f"| vocabulary | rows x hidden | plain: added by the loss (MB) | fused: added by the loss (MB) | fused / plain |")
+    print("| vocabulary | rows x hidden | plain: added by the loss (MB) | fused: added by the loss (MB) | fused / plain |")
     print("|---:|---|---:|---:|---:|")
     for vocab in (49_152, 128_256):
         base = run("none", vocab)

@@ -174,7 +174,7 @@ def test_bert_becomes_distilbert_with_folded_token_types_and_tied_head(tmp_path)
     out = tmp_path / "student"
     summary = init_student(_save_teacher(teacher, tmp_path / "teacher"), str(out), layers=[0, 2], num_layers=None)
     student, _ = _load_student(out, "bert")
-    cfg, tcfg = student.config, teacher.config
+    cfg = student.config
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.vocab_size) == (32, 2, 4, 64, 96)
     assert (cfg.activation, cfg.dropout, cfg.attention_dropout) == ("gelu", 0.1, 0.1)
     assert (cfg.max_position_embeddings, cfg.pad_token_id, cfg.initializer_range) == (64, 0, 0.1)
