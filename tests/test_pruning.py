@@ -279,6 +279,9 @@ def test_prune_top_indices_prefer_high_scores_then_low_index():
         ("roberta", {"num_heads": 0}, ["--num-heads 0"]),
         ("llama", {"num_heads": 3}, ["multiple of 2"]),
         ("llama", {"num_heads": 5}, ["between 1 and 4"]),
+        # transformers' Llama config refuses hidden % heads != 0 on save: refused before calibration, sizes given
+        ("llama", {"hidden_size": 18}, ["--hidden-size 18 is not a multiple of the student's 4 attention heads",
+                                        "--hidden-size 16 or 20", "--num-heads 2 with --hidden-size 18"]),
     ],
 )
 def test_prune_bad_sizes_say_what_and_how(family, request_, words, workspace, tmp_path):

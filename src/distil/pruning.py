@@ -187,6 +187,18 @@ def resolve_sizes(config, hidden_size: int | None, intermediate_size: int | None
             f"The teacher shares each key/value head among {group} query heads (grouped-query attention), and "
             f"pruning keeps whole groups: --num-heads must be a multiple of {group}, not {num_heads}."
         )
+    if not encoder and hidden % num_heads:
+        # The projections would not need it (head_dim is recorded), but transformers' Llama-family configs refuse
+        # a hidden size that the query heads do not divide, so such a student could not be saved or loaded.
+        below = hidden - hidden % num_heads
+        sizes = [h for h in (below, below + num_heads) if 1 <= h <= t.hidden_size]
+        heads = [n for n in range(group, t.num_heads + 1, group) if hidden % n == 0]
+        raise DistilError(
+            f"--hidden-size {hidden} is not a multiple of the student's {num_heads} attention heads, which "
+            f"transformers' {config.model_type} configuration requires. Use --hidden-size "
+            f"{' or '.join(map(str, sizes))}"
+            + (f", or --num-heads {' or '.join(map(str, heads))} with --hidden-size {hidden}." if heads else ".")
+        )
     return WidthSizes(hidden, ffn, num_heads, num_heads // group, t.head_dim)
 
 
