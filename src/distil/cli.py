@@ -490,3 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distil {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch, destroy the process group before the interpreter exits. Left to the
+    exit, gloo's threads are torn down in no fixed order, which now and then aborts a process that had finished
+    its work ("terminate called without an active exception", exit code -6: a failed launch after a good run)."""
+    torch = sys.modules.get("torch")  # commands that never imported torch have no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
