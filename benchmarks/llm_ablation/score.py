@@ -1,16 +1,18 @@
 """Score causal students against their teacher on held-out text: perplexity, next-token agreement, CPU speed.
 
 Usage: python benchmarks/llm_ablation/score.py PREPARED_DIR OUT_JSON teacher=DIR NAME=DIR ...
+       python benchmarks/llm_ablation/score.py --table OUT_JSON     (markdown: mean ± std over NAME@SEED rows)
 - perplexity: exp of the token-weighted next-token cross-entropy on the prepared held-out split (the first
   MAX_SEQUENCES sequences, the same for every model);
 - agreement: the fraction of those positions where the model's most likely next token is the teacher's;
-- speed: tokens/s of a forward at batch 8 x 128 tokens, all models timed in interleaved rounds (one process, so
-  the ratios hold even on a busy machine).
+- speed: tokens/s of a forward at batch 8 x 128 tokens, one model per architecture (trained rows share their
+  starting student's), timed in interleaved rounds (one process, so the ratios hold even on a busy machine).
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from distil.data.dataset import TokenSequences, pad_batch, pad_id_of
 from distil.data.masking import causal_lm_labels
-from distil.evaluation.speed import measure_speeds
+from distil.evaluation.speed import architecture_fingerprint, measure_speeds
 
 MAX_SEQUENCES, BATCH = 128, 8
 
@@ -45,9 +47,14 @@ def main() -> None:
             sums[name][0] += float(loss)
             sums[name][1] += int((top == teacher_top).sum())
             sums[name][2] += int(predicted.sum())
-    speeds = measure_speeds(list(models.values()), "cpu", seq_length=128, batch_size=BATCH, warmup=2, repeats=6)
+    timed: dict[str, torch.nn.Module] = {}  # one model per architecture: students of one shape run alike
+    for model in models.values():
+        timed.setdefault(architecture_fingerprint(model), model)
+    speeds = dict(zip(timed, measure_speeds(list(timed.values()), "cpu", seq_length=128, batch_size=BATCH, warmup=2,
+                                            repeats=10)))
     result = {}
-    for (name, (loss, agree, count)), speed in zip(sums.items(), speeds):
+    for name, (loss, agree, count) in sums.items():
+        speed = speeds[architecture_fingerprint(models[name])]
         result[name] = {"perplexity": math.exp(loss / count), "next_token_agreement": agree / count,
                         "tokens_per_s": speed["tokens_per_s"], "positions": count,
                         "parameters": sum(p.numel() for p in models[name].parameters())}
@@ -57,5 +64,27 @@ def main() -> None:
               f"{row['tokens_per_s']:,.0f} tokens/s")
 
 
+def table(path: Path) -> None:
+    """Rows NAME@SEED grouped by NAME: mean ± sample std over seeds; tokens/s relative to the teacher's."""
+    scores = json.loads(path.read_text(encoding="utf-8"))
+    groups: dict[str, list[dict]] = {}
+    for name, row in scores.items():
+        groups.setdefault(name.split("@")[0], []).append(row)
+    teacher = scores["teacher"]
+
+    def cell(rows, key, fmt):
+        values = [r[key] for r in rows]
+        spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):{fmt}}{spread}"
+
+    print("| model | seeds | parameters | held-out perplexity | next-token agreement | CPU tokens/s (speed-up) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, rows in groups.items():
+        speed = rows[0]["tokens_per_s"]
+        seeds = len(rows) if "@" in next(n for n in scores if n.split("@")[0] == name) else "-"
+        print(f"| {name} | {seeds} | {rows[0]['parameters'] / 1e6:.1f}M | {cell(rows, 'perplexity', '.1f')} | "
+              f"{cell(rows, 'next_token_agreement', '.3f')} | {speed:,.0f} ({speed / teacher['tokens_per_s']:.2f}x) |")
+
+
 if __name__ == "__main__":
-    main()
+    table(Path(sys.argv[2])) if sys.argv[1] == "--table" else main()
