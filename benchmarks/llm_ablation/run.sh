@@ -48,6 +48,7 @@ declare -A ROWS=(
     [on-policy]="loss.alpha_ce=1 loss.divergence=forward_kl loss.on_policy_fraction=0.5"
     [pruned-forward_kl]="student.path=$R/student-pruned loss.alpha_ce=1 loss.divergence=forward_kl"
     [distilgpt2-mix]="loss.alpha_ce=5 loss.alpha_clm=2 loss.alpha_cos=1 loss.temperature=2 loss.hidden_layers=last"
+    [kl-clm]="loss.alpha_ce=5 loss.alpha_clm=2"
 )
 if [[ -f $R/cache/manifest.json ]]; then ROWS[store]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/cache"; fi
 mkdir -p "$R/logs"
