@@ -50,7 +50,8 @@ train_and_score() {
         stamp "train $name seed $seed"
         nice -n 5 "$DISTIL" train "$HERE/recipe.yaml" "student.path=$R/$init" "data.path=$R/data" \
             "run.output_dir=$run" "run.seed=$seed" "optim.max_steps=$STEPS" data.max_length=64 "$@" \
-            > "$R/logs/$name@$seed.log" 2>&1
+            > "$R/logs/$name@$seed.log" 2>&1 ||
+            { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }  # the other rows go on
     fi
     [[ -f $R/results/$name@$seed.json ]] || nice -n 5 "$PYTHON" "$HERE/ablation.py" score "$R/cases" \
         "$run/student" "$R/results/$name@$seed.json" "$R/results/teacher.similarities.npy" >> "$R/logs/$name@$seed.log" 2>&1
