@@ -247,14 +247,13 @@ def test_teacher_cache_two_processes_write_the_same_store(workspace):
     import subprocess
     import sys
 
-    from train_fixtures import free_port, subprocess_env
+    from train_fixtures import subprocess_env, torchrun_command
 
     root, teacher, data = workspace
     args = ["--teacher", str(teacher), "--data", str(data), "--top-k", "6", "--sampled", "3", "--shard-size", "10"]
     single, multi = root / "store-single", root / "store-multi"
     cache_teacher(str(teacher), str(data), str(single), top_k=6, sampled=3, shard_size=10, progress=False)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "-m", "distil", "cache-teacher", *args, "--output", str(multi)],
+    done = subprocess.run(torchrun_command(2, *args, "--output", multi, command="cache-teacher"),
                           env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     skip = {"teacher/tokenizer_config.json"}  # records whether the hub was reachable (offline in the subprocess)

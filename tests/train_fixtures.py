@@ -93,16 +93,16 @@ def free_port() -> int:
 
 
 def torchrun_command(processes: int, *args, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
-                     torchrun: bool | None = None) -> list:
-    """`distil train ARGS` as users launch it: plain for one process, under torchrun for several (or when asked)."""
+                     torchrun: bool | None = None, command: str = "train") -> list:
+    """`distil COMMAND ARGS` as users launch it: plain for one process, under torchrun for several (or when asked)."""
     import sys
 
     if not (torchrun or processes > 1 or nnodes > 1):
-        return [sys.executable, "-m", "distil", "train", *map(str, args)]
+        return [sys.executable, "-m", "distil", command, *map(str, args)]
     rendezvous = (["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv-backend", "c10d",
                    "--rdzv-endpoint", f"127.0.0.1:{port}"] if nnodes > 1 else ["--master_port", str(port or free_port())])
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *rendezvous,
-            "-m", "distil", "train", *map(str, args)]
+            "-m", "distil", command, *map(str, args)]
 
 
 def launch(args, processes: int, timeout: int = 240):

@@ -267,9 +267,8 @@ def _oom_message(config: TrainConfig, models, step: int) -> str:
 
 def _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec) -> None:
     n_student = sum(p.numel() for p in models.student.parameters())
-    store = getattr(models.teacher, "store", None)
-    if store is not None:  # no teacher model: its signals come from a store
-        m = store.manifest
+    if config.teacher.cache:  # no teacher model: its signals come from a store
+        m = models.teacher.store.manifest
         log.info("teacher: signals read from the store %s (top-%d%s at temperature %g; no teacher model loaded)",
                  config.teacher.cache, m["k"], f" + {m['sampled']} sampled" if m.get("sampled") else "",
                  m["temperature"])
