@@ -274,11 +274,12 @@ def _add_cache_teacher(sub) -> None:
     p = sub.add_parser(
         "cache-teacher",
         help="run the teacher once over prepared data and store its top-k distribution for training without it",
-        description="Run the teacher (teacher-forced, on the clean text) over a split of prepared data and write, for "
-                    "every real position, its top-k token ids and log-probabilities at the temperature, the remaining "
-                    "probability mass, and optionally k' tokens drawn from the rest of the distribution with "
-                    "importance weights (an unbiased soft-target estimate), into memory-mapped shards aligned with "
-                    "the data. Train from it with teacher.cache: DIR (no teacher model is loaded). Resumable: a "
+        description="Run the teacher (teacher-forced on the text; a masked-LM teacher on each sequence masked once "
+                    "as training masks it, the masks stored for training to reuse) over a split of prepared data and "
+                    "write, for every real position, its top-k token ids and log-probabilities at the temperature, "
+                    "the remaining probability mass, and optionally k' tokens drawn from the rest of the distribution "
+                    "with importance weights (an unbiased soft-target estimate), into memory-mapped shards aligned "
+                    "with the data. Train from it with teacher.cache: DIR (no teacher model is loaded). Resumable: a "
                     "rerun keeps finished shards. Under torchrun / accelerate launch each process writes its slice.",
     )
     p.add_argument("--teacher", required=True, help="teacher directory, .gguf file, python:PACKAGE/path or hub id")
@@ -303,9 +304,20 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--hidden-states", choices=["none", "last"], default="none",
                    help="also store the teacher's last hidden state (float16), for hidden-state and sentence losses")
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (each sequence's are fixed by it and its index)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the draws and of a masked-LM teacher's masks (each sequence's are fixed by it and its "
+                        "index)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="teacher precision (default float32)")
+    p.add_argument("--mlm-probability", type=float, default=None,
+                   help="masked-LM teachers: share of each sequence's tokens masked; training needs "
+                        "loss.mlm_probability equal to it (default: the recipe default, 0.15)")
+    p.add_argument("--mlm-smoothing", type=float, default=None,
+                   help="masked-LM teachers: masking weight of a token ~ count^-smoothing; training needs "
+                        "loss.mlm_smoothing equal to it (default: the recipe default, 0.7)")
+    p.add_argument("--mask-replace", type=float, nargs=3, default=None, metavar=("MASK", "KEEP", "RANDOM"),
+                   help="masked-LM teachers: probabilities that a target becomes the mask token, stays, or becomes a "
+                        "random token; training needs loss.mask_replace equal to them (default: 0.8 0.1 0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished store, or restart an unfinished one")
 
 
@@ -452,7 +464,8 @@ def run(args: argparse.Namespace) -> int | None:
             temperature=args.temperature, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
             overwrite=args.overwrite, hidden_states=args.hidden_states, logprobs=args.logprobs,
             proposal_temperature=args.proposal_temperature, seed=args.seed, shard_size=args.shard_size,
-            dtype=args.dtype,
+            dtype=args.dtype, mlm_probability=args.mlm_probability, mlm_smoothing=args.mlm_smoothing,
+            mask_replace=args.mask_replace,
         )
         if result["finished"]:
             print(json.dumps({k: result[k] for k in ("k", "sampled", "temperature", "data", "bytes",

@@ -17,8 +17,17 @@ A store directory holds:
     sample_ids.npy / sample_logp.npy / sample_logw.npy   (positions, k') draws from the tail with log p and the
                      importance log-weight (with --sampled)
     hidden.npy       (positions, hidden) float16 last hidden state (with --hidden-states last)
+    mlm_input.npy    (positions,) ids: the masked input the teacher scored (masked-LM teachers only)
+    mlm_target.npy   (positions,) uint8: 1 at the sequence's MLM targets (masked-LM teachers only)
 One row per real position of every sequence, in order: the sequences are the prepared data's, as prepared (or cut
 to the store's max_length as training cuts them).
+
+A masked-LM teacher is run on masked text, as a live one is (it sees what the student sees): each sequence is
+masked once, on its own, with the training masker and a generator seeded by the store's seed and the sequence's
+index, and the masked input and its targets are stored (the manifest's `masking` holds the settings, each shard's
+entry a digest of its two mask arrays). Training from the store gives the student these inputs and labels: the
+masks are static per sequence. Storing them, rather than redrawing them from the seed at training time, keeps them
+exact whatever torch version, device or random-number implementation trains from the store (3 bytes a position).
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ COMPACT_HEAD, COMPACT_DEGREE = 8, 3
 # Settings that must be equal for a rerun to resume (the rest of the plan is derived from them).
 PLAN_KEYS = ("format_version", "teacher", "vocab_size", "tokenizer_fingerprint", "objective", "k", "sampled",
              "temperature", "proposal_temperature", "seed", "split", "data", "ids_dtype", "logprobs",
-             "hidden_states", "hidden_size", "shard_size")
+             "hidden_states", "hidden_size", "shard_size", "masking")
+MASK_ARRAYS = ("mlm_input", "mlm_target")
 
 
 def shard_name(index: int) -> str:
@@ -63,6 +73,16 @@ def data_fingerprint(data_dir: str | Path, split: str) -> str:
         with open(path, "rb") as fh:
             while block := fh.read(1 << 24):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def masks_digest(shard_dir: Path) -> str:
+    """A hash of a shard's stored masks (masked inputs and targets), recorded in the manifest and checked on read."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in MASK_ARRAYS:
+        array = np.load(Path(shard_dir) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode("utf-8"))
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 

@@ -23,6 +23,7 @@ class TeacherStore:
         self.k, self.sampled, self.temperature = int(m["k"]), int(m["sampled"]), float(m["temperature"])
         self.logprobs = m["logprobs"]
         self.hidden_states = m.get("hidden_states")
+        self.masking = m.get("masking")   # an MLM teacher's store: each sequence's masked input and targets
         self.shard_size = int(m["shard_size"])
         self.sequences = int(m["data"]["sequences"])
         self._shards: dict[int, dict] = {}
@@ -40,11 +41,19 @@ class TeacherStore:
                 names += ["sample_ids", "sample_logp", "sample_logw"]
             if self.hidden_states:
                 names.append("hidden")
+            if self.masking:
+                names += list(fmt.MASK_ARRAYS)
             try:
                 shard = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
+                digest = fmt.masks_digest(path) if self.masking else None
             except (OSError, ValueError) as exc:
                 raise DistilError(f"The teacher-signal store {self.root} is damaged: {path.name} cannot be read "
                                   f"({exc}). Write it again with distil cache-teacher --overwrite.") from None
+            if self.masking and digest != self.manifest["shards"][index].get("masks_digest"):
+                raise DistilError(f"The teacher-signal store {self.root} is damaged: the masks of {path.name} are not "
+                                  "the ones it was written with (their digest differs from the manifest's), so the "
+                                  "student's inputs would not be those the teacher scored. Write it again with "
+                                  "distil cache-teacher --overwrite.")
             self._shards[index] = shard
         return shard
 
@@ -66,6 +75,16 @@ class TeacherStore:
                               f"teacher-signal store {self.root}: the store was written for other data.")
         return shard, slice(start, start + count)
 
+    def masks(self, sequence: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(masked input ids int64, target flags bool) of the first `count` positions of `sequence`: what the
+        teacher scored, for the student to see."""
+        if not self.masking:
+            raise DistilError(f"The teacher-signal store {self.root} holds no MLM masks (its teacher is "
+                              f"{self.manifest['objective']}).")
+        shard, rows = self.rows_of(sequence, count)
+        return (np.asarray(shard["mlm_input"][rows], dtype=np.int64),
+                np.asarray(shard["mlm_target"][rows]).astype(bool))
+
     def targets(self, sequences: list[int], counts: list[int], want_hidden: bool = False,
                 device: torch.device | None = None) -> SparseTargets:
         """The sparse targets of the first counts[i] positions of each of `sequences`, rows concatenated in order
@@ -74,7 +93,7 @@ class TeacherStore:
         for sequence, count in zip(sequences, counts):
             shard, rows = self.rows_of(int(sequence), int(count))
             for name, array in shard.items():
-                if name != "offsets" and (name != "hidden" or want_hidden):
+                if name not in ("offsets", *fmt.MASK_ARRAYS) and (name != "hidden" or want_hidden):
                     pieces.setdefault(name, []).append(np.asarray(array[rows]))
         arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
         n = sum(int(c) for c in counts)

@@ -6,7 +6,9 @@ checks, before anything starts, that the store fits the run: the prepared data a
 (fingerprint and lengths), the vocabularies match, the temperature is the store's, and every loss term can be
 computed from what the store holds (refused otherwise, saying what would make it work). `CachedObjective` is the
 objective of such runs: the soft-target term from the stored sparse distribution (distil.losses.sparse), the
-CLM/MLM terms as usual, hidden-state terms against stored last hidden states.
+CLM/MLM terms as usual, hidden-state terms against stored last hidden states. A masked-LM teacher's store holds
+each sequence's masked input and targets (the teacher scored the masked input): `StoredMasks` gives every training
+step those, never freshly drawn masks, and a recipe whose masking settings are not the store's is refused.
 """
 
 from __future__ import annotations
@@ -86,6 +88,75 @@ def check_store_terms(config, store: TeacherStore, pairs: list[tuple[int, int]],
                     f"{other} with other teacher layers. Set loss.hidden_layers=last, or train with the live teacher.")
 
 
+MASKING_KEYS = (("mlm_probability", "--mlm-probability"), ("mlm_smoothing", "--mlm-smoothing"),
+                ("mask_replace", "--mask-replace"))
+
+
+def check_store_masking(config, store: TeacherStore, objective: str) -> None:
+    """An MLM teacher's store fixes the masks: refuse one without them, and a recipe that would mask otherwise."""
+    root, masking = store.root, store.masking
+    if objective != "mlm":
+        return
+    if not masking:
+        _refuse(f"The store {root} holds a masked-LM teacher's signals on the clean text (it was written by an earlier "
+                "distil, without masks), but the student sees masked text: its soft targets at the masked positions "
+                "would be the teacher's answers to another input. Write it again with distil cache-teacher "
+                "--overwrite (the teacher then scores each sequence masked as training masks it).")
+    differing = [(key, flag, getattr(config.loss, key), masking[key]) for key, flag in MASKING_KEYS
+                 if not _same_setting(getattr(config.loss, key), masking[key])]
+    if differing:
+        said = "; ".join(f"loss.{key} is {_shown(want)}, the store's is {_shown(have)}"
+                         for key, _, want, have in differing)
+        sets = " ".join(f"loss.{key}={json.dumps(have).replace(' ', '')}" for key, _, _, have in differing)
+        flags = " ".join(f"{flag} {_shown(want)}" for _, flag, want, _ in differing)
+        _refuse(f"The store {root} holds each sequence masked once, and the recipe's masking settings are not the "
+                f"ones it was masked with ({said}). Set {sets}, or write a store with the recipe's settings "
+                f"(distil cache-teacher ... {flags}).")
+
+
+def _same_setting(a, b) -> bool:
+    a, b = np.atleast_1d(np.asarray(a, dtype=float)), np.atleast_1d(np.asarray(b, dtype=float))
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0, atol=1e-9))
+
+
+def _shown(value) -> str:
+    return " ".join(f"{float(v):g}" for v in value) if isinstance(value, (list, tuple)) else f"{float(value):g}"
+
+
+class StoredMasks:
+    """The masks of an MLM teacher's store for training steps: `for_step(indices)` is the masker of one step
+    batch (called by build_step as an MLMMasker is), returning each row's stored masked input and its labels."""
+
+    def __init__(self, store: TeacherStore):
+        self.store = store
+
+    def for_step(self, indices: list[int]):
+        def masker(ids: torch.Tensor, attention_mask: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            if ids.shape[0] != len(indices):
+                raise ValueError(f"a step batch of {ids.shape[0]} rows was given {len(indices)} sequence indices")
+            masked, labels = ids.clone().cpu(), torch.full(ids.shape, -100, dtype=ids.dtype)
+            clean = ids.cpu()
+            for row, (sequence, count) in enumerate(zip(indices, attention_mask.sum(dim=1).tolist())):
+                stored, target = (torch.from_numpy(a) for a in self.store.masks(int(sequence), int(count)))
+                if not torch.equal(stored[~target], clean[row, :count][~target]):
+                    _refuse(f"Sequence {sequence}'s tokens differ from the ones the store {self.store.root} masked: "
+                            "the store was written for other data. Write it again for these data.")
+                masked[row, :count] = stored
+                labels[row, :count] = torch.where(target, clean[row, :count], -100)
+            return masked.to(ids.device), labels.to(ids.device)
+
+        return masker
+
+
+def stored_masks_of(models) -> StoredMasks | None:
+    """The stored masks training steps use (a store of an MLM teacher), or None (live teacher, CLM store)."""
+    teacher = models.teacher
+    if isinstance(teacher, CachedTeacher) and teacher.store.masking and models.objective == "mlm":
+        return StoredMasks(teacher.store)
+    return None
+
+
 def check_store_matches_data(config, store: TeacherStore, train_lengths: np.ndarray) -> None:
     m, root = store.manifest, store.root
     if m["split"] != "train":
@@ -148,6 +219,7 @@ def load_models_from_cache(config, student_dir: str, device: torch.device):
     pairs = setup.layer_pairs(config, student.config, teacher_config, init_record)
     check_store_terms(config, store, pairs, int(student.config.num_hidden_layers),
                       int(teacher_config.num_hidden_layers))
+    check_store_masking(config, store, objective)
     check_store_matches_data(config, store, TokenSequences(config.data.path, "train", config.data.max_length).lengths)
 
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm"))

@@ -6,6 +6,10 @@ shard it was writing. Resumable: a rerun with the same settings keeps the finish
 (byte-identical output: a sequence's draws depend only on the seed and its index). Multi-process: under torchrun /
 accelerate launch, process r writes shards r, r + N, r + 2N, ...; the manifest is written once every shard is
 there. See distil.teacher_cache.format for the layout.
+
+A masked-LM teacher scores masked text, as it does beside a student: each sequence is masked on its own by the
+training masker (distil.training.setup.build_masker, with the recipe's masking settings) and a generator seeded by
+the store's seed and the sequence's index, and the masked input and targets are stored for training to reuse.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from distil.data.dataset import TokenSequences, pad_batch, pad_id_of
+from distil.data.masking import IGNORE_INDEX
 from distil.errors import DistilError
 from distil.outputs import check_output_dir, check_writable, human_size, remove_stale_leftovers, write_json_atomic, \
     write_marker
 from distil.teacher_cache import format as fmt
-from distil.teacher_cache.signals import sequence_generator, sparse_signals
+from distil.teacher_cache.signals import SEED_STRIDE, sequence_generator, sparse_signals
 
 log = logging.getLogger(__name__)
 
 HIDDEN_CHOICES = (None, "none", "last")
+# Masks draw from their own stream, not the one of the sampled tail tokens (signals.sequence_generator).
+MASK_STREAM = 1 << 62
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +68,60 @@ def _check_settings(k: int, sampled: int, temperature: float, proposal_temperatu
         raise DistilError(f"--hidden-states must be none or last, got {hidden_states!r}.")
     if logprobs not in fmt.LOGPROB_FORMATS:
         raise DistilError(f"--logprobs must be one of {', '.join(fmt.LOGPROB_FORMATS)}, got {logprobs!r}.")
+
+
+def mask_generator(seed: int, sequence_index: int) -> torch.Generator:
+    """The generator of one sequence's MLM masks: fixed by the store's seed and the sequence's index alone."""
+    generator = torch.Generator()
+    generator.manual_seed(MASK_STREAM + seed * SEED_STRIDE + sequence_index)
+    return generator
+
+
+def _masking_settings(mlm_probability: float | None, mlm_smoothing: float | None,
+                      mask_replace: Sequence[float] | None, seed: int) -> dict:
+    """The masking of an MLM teacher's store: the given settings, the recipe defaults (loss.*) for the others."""
+    from distil.config import LossConfig
+
+    defaults = LossConfig()
+    probability = float(defaults.mlm_probability if mlm_probability is None else mlm_probability)
+    smoothing = float(defaults.mlm_smoothing if mlm_smoothing is None else mlm_smoothing)
+    replace = [float(p) for p in (defaults.mask_replace if mask_replace is None else mask_replace)]
+    if not 0 < probability < 1:
+        raise DistilError(f"--mlm-probability must be in (0, 1), got {probability}. Use the recipe's "
+                          "loss.mlm_probability.")
+    if smoothing < 0:
+        raise DistilError(f"--mlm-smoothing must be >= 0, got {smoothing}. Use the recipe's loss.mlm_smoothing.")
+    if len(replace) != 3 or any(p < 0 for p in replace) or abs(sum(replace) - 1) > 1e-6:
+        raise DistilError(f"--mask-replace must be three probabilities (mask, keep, random) that sum to 1, got "
+                          f"{replace}. Use the recipe's loss.mask_replace.")
+    return {"seed": seed, "mlm_probability": probability, "mlm_smoothing": smoothing, "mask_replace": replace,
+            "per_sequence": True}
+
+
+def _store_masker(masking: dict, data: str, manifest: dict, vocab: int, tokenizer):
+    """The masker training builds for these settings (build_masker), over the store's vocabulary."""
+    from distil.config import TrainConfig
+    from distil.training.setup import build_masker
+
+    config = TrainConfig()
+    config.loss.mlm_probability = masking["mlm_probability"]
+    config.loss.mlm_smoothing = masking["mlm_smoothing"]
+    config.loss.mask_replace = list(masking["mask_replace"])
+    return build_masker(config, data, manifest, vocab, tokenizer)
+
+
+def _masked_sequences(chosen: list[int], data: TokenSequences, masker,
+                      seed: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(input, target flags) of each chosen sequence: masked on its own by `masker`, or clean without one."""
+    out = []
+    for index in chosen:
+        ids = torch.as_tensor(np.asarray(data[index], dtype=np.int64)).unsqueeze(0)
+        if masker is None:
+            out.append((ids[0].numpy(), None))
+            continue
+        masked, labels = masker(ids, torch.ones_like(ids), generator=mask_generator(seed, index))
+        out.append((masked[0].numpy(), (labels[0] != IGNORE_INDEX).numpy()))
+    return out
 
 
 def _load_teacher(teacher: str, dtype: str):
@@ -134,7 +196,7 @@ def _prepare_output(root: Path, plan: dict, overwrite: bool) -> bool:
 
 
 def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict, pad_id: int, batch_size: int,
-                 device: torch.device, bar) -> None:
+                 device: torch.device, bar, masker=None) -> None:
     final = root / fmt.shard_name(index)
     remove_stale_leftovers(final)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -160,13 +222,16 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
     want_hidden = plan["hidden_states"] == "last"
     if want_hidden:
         shapes["hidden"] = ((rows, plan["hidden_size"]), np.float16)
+    if masker is not None:
+        shapes.update(mlm_input=((rows,), id_dtype), mlm_target=((rows,), np.uint8))
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
               for name, (shape, dtype) in shapes.items()}
     vocab = plan["vocab_size"]
     order = sorted(range(first, stop), key=lambda i: (-int(data.lengths[i]), i))  # similar lengths batched
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        ids, mask = pad_batch([data[i] for i in chosen], pad_id)
+        inputs = _masked_sequences(chosen, data, masker, plan["seed"])
+        ids, mask = pad_batch([masked for masked, _ in inputs], pad_id)
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=want_hidden,
                         return_dict=True)
@@ -186,6 +251,9 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
                 arrays["sample_logw"][where] = signals.sample_logw.numpy()
             if want_hidden:
                 arrays["hidden"][where] = out.hidden_states[-1][row, :n].float().cpu().numpy()
+            if masker is not None:
+                arrays["mlm_input"][where] = inputs[row][0].astype(id_dtype)
+                arrays["mlm_target"][where] = inputs[row][1]
         bar.update(len(chosen))
     for array in arrays.values():
         array.flush()
@@ -216,8 +284,11 @@ def _finish(root: Path, plan: dict, n_shards: int) -> dict | None:
         path = root / fmt.shard_name(i)
         b, h = _shard_bytes(path)
         total, hidden = total + b, hidden + h
-        shard_list.append({"name": path.name, "first_sequence": i * size,
-                           "sequences": min(plan["data"]["sequences"], (i + 1) * size) - i * size})
+        entry = {"name": path.name, "first_sequence": i * size,
+                 "sequences": min(plan["data"]["sequences"], (i + 1) * size) - i * size}
+        if plan.get("masking"):
+            entry["masks_digest"] = fmt.masks_digest(path)
+        shard_list.append(entry)
     positions = plan["data"]["positions"]
     manifest = {**plan, "shards": shard_list, "bytes": total,
                 "bytes_per_token": round(total / max(positions, 1), 2),
@@ -230,8 +301,12 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
                   split: str = "train", batch_size: int = 8, max_length: int | None = None, overwrite: bool = False,
                   hidden_states: str | None = None, logprobs: str = "float16", proposal_temperature: float = 1.0,
                   seed: int = 0, shard_size: int = 1024, dtype: str = "float32", progress: bool = True,
-                  rank: int | None = None, world: int | None = None) -> dict:
+                  rank: int | None = None, world: int | None = None, mlm_probability: float | None = None,
+                  mlm_smoothing: float | None = None, mask_replace: Sequence[float] | None = None) -> dict:
     """Write the teacher-signal store of `teacher` over split `split` of prepared `data` into `output`.
+
+    A masked-LM teacher scores each sequence masked with `mlm_probability`, `mlm_smoothing` and `mask_replace`
+    (the recipe's loss.* settings, its defaults when not given), as training would mask it.
 
     Returns the manifest when the store is complete (this process wrote the last shards), else the plan with
     `"finished": False` (other processes, or slices given by rank/world, still have shards to write)."""
@@ -242,6 +317,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states, logprobs)
     if dtype not in DTYPES:
         raise DistilError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    masking = _masking_settings(mlm_probability, mlm_smoothing, mask_replace, seed)  # used for masked-LM teachers
     rank, world, barrier, distributed = _process_group(rank, world)
     if not 0 <= rank < world:
         raise DistilError(f"Process {rank} of {world} does not exist: the rank must be in 0..{world - 1}.")
@@ -255,6 +331,8 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
                           f"{' (with --sampled, the tail outside the top-k must hold tokens to draw)' if sampled else ''}."
                           f" Use --top-k {vocab - 1 if sampled else vocab} or less.")
     lengths = sequences.lengths
+    masking = masking if objective == "mlm" else None
+    masker = _store_masker(masking, data, manifest, vocab, tokenizer) if masking else None
     plan = {
         "kind": fmt.KIND, "format_version": fmt.FORMAT_VERSION,
         # the hash of the configuration as training reads it from teacher.path (load_config), to compare
@@ -271,7 +349,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
         "ids_dtype": fmt.ids_dtype(vocab).str, "logprobs": fmt.logprob_format_for(logprobs, top_k),
         "log_rest_dtype": "float16", "sample_dtype": "float16",
         "hidden_states": hidden_states, "hidden_size": hidden_size_of(model.config) if hidden_states else None,
-        "shard_size": shard_size,
+        "shard_size": shard_size, "masking": masking,
     }
     root = Path(output)
     if rank == 0:
@@ -298,7 +376,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     with tqdm(total=todo, unit="seq", desc="cache-teacher", disable=not (progress and rank == 0),
               dynamic_ncols=True) as bar:
         for index in mine:
-            _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar)
+            _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar, masker)
     elapsed = time.perf_counter() - started
     barrier()
     if rank == 0 or not distributed:

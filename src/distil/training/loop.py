@@ -29,7 +29,7 @@ from distil.outputs import check_writable
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.on_policy import OnPolicy
-from distil.teacher_cache.training import objective_for
+from distil.teacher_cache.training import objective_for, stored_masks_of
 from distil.training.objective import build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
@@ -112,6 +112,7 @@ def train(config: TrainConfig) -> dict:
             if spec.needs_masking else None
         # On-policy steps (loss.on_policy_fraction): the student writes the step's text (training/on_policy.py).
         policy = OnPolicy.from_config(config, models, spec, pad_id, device, rank, world, accum, acc.autocast)
+    stored_masks = stored_masks_of(models)  # an MLM teacher's store: each sequence's masks are the ones it scored
     objective = objective_for(models)(spec, models.teacher, models.student, fused_projections(config, models, spec),
                                       acc.autocast)
     frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
@@ -169,7 +170,8 @@ def train(config: TrainConfig) -> dict:
             generator.manual_seed(config.run.seed * MASK_SEED_STRIDE + step)
             indices = next(batches)
             sequences = policy.rows_for_step(step, [train_data[i] for i in indices])  # as read, or the student's
-            micro_batches = build_step(sequences, pad_id, spec.objective, masker,
+            step_masker = stored_masks.for_step(indices) if stored_masks is not None else masker
+            micro_batches = build_step(sequences, pad_id, spec.objective, step_masker,
                                        generator, rank, world, device, micro_batches=accum, indices=indices)
             step_values = torch.zeros(len(term_names), device=device)
             for micro, batch in enumerate(micro_batches):
