@@ -428,7 +428,7 @@ def test_teacher_cache_cli_errors_are_one_paragraph(workspace, tmp_path, capsys)
 
 
 def test_teacher_cache_masked_lm_teacher_trains_from_its_store(tmp_path):
-    """An MLM teacher (BERT): its clean-text distribution is cached; a DistilBERT student trains from it with MLM."""
+    """An MLM teacher (BERT): its distribution on each masked sequence is cached; a DistilBERT student trains from it."""
     from distil.student import init_student
     from distil.training.loop import train
 
