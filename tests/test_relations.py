@@ -11,7 +11,7 @@ import torch
 
 from distil.errors import DistilError
 from distil.losses import attention_map_loss, relation_kl, relation_loss
-from distil.training.attention_capture import captured_attention, default_relation_layers, use_eager_attention
+from distil.training.attention_capture import captured_attention, default_relation_layers
 from distil.training.objective import Objective, TermSpec, build_step, forward
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -39,6 +39,7 @@ def plain_relation_kl(student, teacher, mask, heads, causal):
 
 
 def plain_attention_kl(student, teacher, mask):
+    """KL(teacher || student) of attention probabilities (B, H, L, L), written out row by row."""
     total, rows = 0.0, 0
     for b in range(student.shape[0]):
         keys = mask[b].bool()
@@ -110,12 +111,13 @@ def test_relation_heads_must_divide_the_width():
         relation_kl(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), heads=3)
 
 
-def test_attention_map_mse_is_squared_error_summed_over_keys():
+def test_attention_map_mse_probs_is_squared_error_summed_over_keys():
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    teacher = torch.tensor([[[[0.5, 0.5, 0.0], [0.25, 0.75, 0.0], [0.3, 0.7, 0.0]]]])
-    student = torch.tensor([[[[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [0.9, 0.1, 0.0]]]])
+    # Scores given as log-probabilities (softmax gives them back); the pad column's scores must not count.
+    teacher = torch.tensor([[[[0.5, 0.5, 0.1], [0.25, 0.75, 0.3], [0.3, 0.7, 0.2]]]]).log()
+    student = torch.tensor([[[[1.0, 1e-30, 0.9], [0.25, 0.75, 0.2], [0.9, 0.1, 0.5]]]]).log()
     # Row 0: 0.25 + 0.25; row 1: 0; row 2 is padding. Mean over 2 real rows.
-    assert attention_map_loss(student, teacher, mask, "mse").item() == pytest.approx(0.25)
+    assert attention_map_loss(student, teacher, mask, "mse_probs").item() == pytest.approx(0.25)
 
 
 # --- captured from models ------------------------------------------------------------------------------------
@@ -123,7 +125,6 @@ def test_attention_map_mse_is_squared_error_summed_over_keys():
 def test_relation_term_is_zero_for_a_full_layer_copy_of_the_teacher():
     teacher = tiny_bert(num_layers=4, seed=1)
     student = copy.deepcopy(teacher)
-    use_eager_attention(teacher), use_eager_attention(student)
     batch = batch_of("mlm")
     spec = spec_for({"relation": 1.0, "attention": 1.0}, layer_pairs=[(1, 1), (2, 2), (4, 4)])
     objective, shares = objective_terms(spec, teacher, student, batch)
@@ -133,7 +134,6 @@ def test_relation_term_is_zero_for_a_full_layer_copy_of_the_teacher():
     assert shares["attention"].item() == pytest.approx(0.0, abs=1e-6)
     # Another teacher gives a clearly positive value.
     other_teacher = tiny_bert(num_layers=4, seed=5)
-    use_eager_attention(other_teacher)
     _, other = objective_terms(spec, other_teacher, student, batch)
     assert other["relation"].item() > 1e-2
 
@@ -165,7 +165,6 @@ def test_relation_of_re_split_heads_does_not_depend_on_the_model_head_count():
 @pytest.mark.parametrize("builder,objective", [(tiny_bert, "mlm"), (tiny_llama, "clm"), (tiny_gpt2, "clm")])
 def test_relation_and_attention_terms_ignore_added_padding(builder, objective):
     teacher, student = builder(num_layers=4, seed=1), builder(num_layers=2, seed=2)
-    use_eager_attention(teacher), use_eager_attention(student)
     spec = spec_for({"relation": 1.0, "attention": 1.0}, objective, layer_pairs=[(1, 2), (2, 4)])
     batch = batch_of(objective)
     _, plain = objective_terms(spec, teacher, student, batch)
@@ -192,19 +191,20 @@ def test_relation_uses_the_causal_mask_on_decoders():
 
 def test_attention_kl_equals_the_plain_formulation_of_eager_maps():
     teacher, student = tiny_bert(num_layers=4, seed=1), tiny_bert(num_layers=2, seed=2)
-    use_eager_attention(teacher), use_eager_attention(student)
+    teacher.set_attn_implementation("eager"), student.set_attn_implementation("eager")
     batch = batch_of("mlm")
     spec = spec_for({"attention": 1.0}, attention_pairs=[(1, 2), (2, 4)])
     _, shares = objective_terms(spec, teacher, student, batch)
-    with captured_attention(student, set(), {1, 2}) as s, captured_attention(teacher, set(), {2, 4}) as t, \
-            torch.no_grad():
-        forward(student, batch, False), forward(teacher, batch, False)
+    with torch.no_grad():
+        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True)
+        t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True)
     mask = batch.attention_mask.bool()
-    plain = (plain_attention_kl(s.maps[1], t.maps[2], mask) + plain_attention_kl(s.maps[2], t.maps[4], mask)) / 2
+    plain = (plain_attention_kl(s.attentions[0], t.attentions[1], mask)
+             + plain_attention_kl(s.attentions[1], t.attentions[3], mask)) / 2
     assert shares["attention"].item() == pytest.approx(plain, rel=1e-5)
 
 
-def test_attention_maps_refuse_mismatched_head_counts_and_sdpa():
+def test_attention_maps_refuse_mismatched_head_counts():
     from transformers import BertConfig, BertForMaskedLM
 
     teacher = tiny_bert(num_layers=2, seed=1)
@@ -212,11 +212,6 @@ def test_attention_maps_refuse_mismatched_head_counts_and_sdpa():
                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
     with pytest.raises(DistilError, match="student has 2 heads and the teacher 4.*loss.alpha_relation"):
         Objective(spec_for({"attention": 1.0}, layer_pairs=[(2, 2)]), teacher, narrow, None, contextlib.nullcontext)
-    same = tiny_bert(num_layers=2, seed=2)  # sdpa: no probabilities
-    objective = Objective(spec_for({"attention": 1.0}, layer_pairs=[(2, 2)]), teacher, same, None,
-                          contextlib.nullcontext)
-    with pytest.raises(DistilError, match="attn_implementation='eager'"):
-        objective(same, batch_of("mlm"))
 
 
 def test_relation_checks_layers_and_heads_against_the_models():
@@ -230,9 +225,9 @@ def test_relation_checks_layers_and_heads_against_the_models():
     with pytest.raises(DistilError, match="no layer pairs"):
         Objective(spec_for({"attention": 1.0}, "clm", layer_pairs=[(0, 0)]), teacher, student, None,
                   contextlib.nullcontext)
-    # Default layer: the last against the last, or against round(0.75 n) for a teacher twice as deep.
+    # Default layer (MiniLMv2): the last against the last, or against layer 21 of a 24-layer teacher.
     assert default_relation_layers(4, 6) == [(4, 6)]
-    assert default_relation_layers(6, 12) == [(6, 9)] and default_relation_layers(3, 24) == [(3, 18)]
+    assert default_relation_layers(6, 12) == [(6, 12)] and default_relation_layers(3, 24) == [(3, 21)]
 
 
 def test_relation_term_in_the_fused_head_path_equals_the_plain_path():
@@ -274,7 +269,7 @@ def test_relation_term_share_follows_the_step_normalisation():
     (["loss.alpha_relation=-1"], "Loss weights must be >= 0"),
     (["loss.alpha_relation=1", "loss.relation_layers=[0,2]"], "loss.relation_layers must be one"),
     (["loss.alpha_attention=1", "loss.attention_layers=[[1]]"], "loss.attention_layers must be a list"),
-    (["loss.attention_loss=l1"], "loss.attention_loss must be kl or mse"),
+    (["loss.attention_loss=l1"], "loss.attention_loss must be kl, mse_probs or mse_scores"),
     (["loss.relation_heads=0"], "loss.relation_heads must be at least 1"),
 ])
 def test_relation_and_attention_recipe_keys_are_validated(tmp_path, overrides, match):
@@ -339,7 +334,7 @@ def test_relation_alone_trains_a_narrower_grouped_query_llama_student(workspace)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64,
                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    summary, rows = train_narrow_student(workspace, "llama", config, {"alpha_relation": 1.0})
+    summary, rows = train_narrow_student(workspace, "llama", config, {"alpha_relation": 1.0, "relation_layers": [2, 3]})
     first = sum(r["loss_relation"] for r in rows[:5]) / 5
     last = sum(r["loss_relation"] for r in rows[-5:]) / 5
     assert len(rows) == 30 and last < 0.85 * first, (first, last)  # 0.104 -> 0.079 measured
@@ -355,8 +350,8 @@ def test_attention_maps_with_mismatched_heads_are_refused_at_start(workspace):
 
 
 def test_attention_maps_train_a_student_of_teacher_layers(workspace):
-    """alpha_attention alone through `distil train`: the models are switched to eager attention (the only one that
-    returns probabilities) and the attention-map loss of the mapped layers goes down."""
+    """alpha_attention alone through `distil train` (any attention implementation: the maps are rebuilt from Q
+    and K): the attention-map loss of the mapped layers goes down."""
     from distil.config import load_config
     from distil.metrics_log import read_metrics
     from distil.training.loop import train
@@ -366,7 +361,7 @@ def test_attention_maps_train_a_student_of_teacher_layers(workspace):
     data = prepared_data(workspace, teacher, name="data-bert")
     recipe = write_recipe(workspace / "attention.yaml", teacher, data, workspace / "run-attention",
                           loss={"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_attention": 1.0,
-                                "attention_loss": "mse", "attention_layers": [[1, 2], [2, 4]]},
+                                "attention_loss": "mse_probs", "attention_layers": [[1, 2], [2, 4]]},
                           optim={"max_steps": 30, "lr": 1e-2})
     train(load_config(recipe))
     rows = [r for r in read_metrics(workspace / "run-attention") if r["split"] == "train"]

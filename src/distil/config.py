@@ -57,12 +57,15 @@ class LossConfig:
     alpha_hidden_mse: float = 0.0       # MSE between hidden states (see hidden_layers)
     hidden_layers: Any = "mapped"       # "last" | "mapped" | [[student_layer, teacher_layer], ...] (0 = embeddings)
     alpha_relation: float = 0.0         # MiniLMv2 self-attention relations (Q-Q, K-K, V-V KL); widths may differ
-    relation_layers: Any = None         # [student_layer, teacher_layer] (1-based blocks); None: student's last vs the
-                                        # teacher's last, or its layer round(0.75 n) when it is >= 2x as deep
+    relation_layers: Any = None         # [student_layer, teacher_layer] (1-based blocks); None: MiniLMv2's choice,
+                                        # student's last vs the teacher's last (base-size), or its layer
+                                        # round(21/24 n) for teachers of >= 24 layers (21 of 24, large-size)
     relation_heads: int | None = None   # relation heads Q/K/V are re-split into; None: the teacher's head count
-    alpha_attention: float = 0.0        # TinyBERT attention maps of mapped layers (same head counts only)
+    alpha_attention: float = 0.0        # attention maps of mapped layers (same head counts only), pre-dropout
     attention_layers: Any = None        # [[student_layer, teacher_layer], ...] (1-based); None: hidden_layers' pairs
-    attention_loss: str = "kl"          # kl (KL(teacher || student) per query row) | mse (squared error over keys)
+    attention_loss: str = "kl"          # kl: KL(teacher || student) of attention distributions (MiniLMv1/MobileBERT)
+                                        # | mse_probs: squared error of the distributions, summed over keys
+                                        # | mse_scores: MSE of the pre-softmax scores, masked keys left out (TinyBERT)
     hidden_projection: str = "auto"     # auto (a learned linear map student -> teacher width when widths differ) |
                                         # linear (always learned) | none (widths must match); dropped at the end
     alpha_sentence_mse: float = 0.0     # MSE between pooled sentence embeddings of student and teacher
@@ -369,8 +372,12 @@ def validate(config: TrainConfig) -> None:
     if loss.relation_heads is not None and loss.relation_heads < 1:
         raise DistilError(f"loss.relation_heads must be at least 1, got {loss.relation_heads} (unset: the teacher's "
                           "head count).")
-    if loss.attention_loss not in ("kl", "mse"):
-        raise DistilError(f"loss.attention_loss must be kl or mse, got {loss.attention_loss!r}.")
+    if loss.attention_loss == "mse":
+        raise DistilError("loss.attention_loss=mse is ambiguous: say mse_probs (squared error of the attention "
+                          "probabilities, summed over keys; what mse used to compute) or mse_scores (MSE of the "
+                          "pre-softmax scores, as TinyBERT).")
+    if loss.attention_loss not in ("kl", "mse_probs", "mse_scores"):
+        raise DistilError(f"loss.attention_loss must be kl, mse_probs or mse_scores, got {loss.attention_loss!r}.")
     if loss.hidden_projection not in ("auto", "linear", "none"):
         raise DistilError(f"loss.hidden_projection must be auto, linear or none, got {loss.hidden_projection!r}.")
     if loss.pooling not in ("auto", "mean", "cls", "last", "max"):

@@ -1,4 +1,4 @@
-"""Losses on self-attention: MiniLMv2 relation distillation and TinyBERT attention-map distillation.
+"""Losses on self-attention: MiniLMv2 relation distillation and attention-map distillation.
 
 Relations (MiniLMv2, Wang et al. 2021). For one layer, the query, key and value projections (B, L, W) are
 taken before the attention softmax (and before rotary embedding on decoders), their heads concatenated and the
@@ -13,11 +13,14 @@ relates only to itself and earlier ones: the relations a causal student can actu
 its attention ever uses (the teacher's relations to future tokens are information neither model sees at
 inference time).
 
-Attention maps (TinyBERT, Jiao et al. 2020): the attention probabilities (B, heads, L, L) of a student and a
-teacher layer with the same head count, compared per head and query row by KL(teacher || student) or by the
-squared error summed over keys (like `logit_mse`, a sum over the distribution's support), averaged over heads
-and real query positions.
-
+Attention maps (same head counts): the pre-softmax scores S = Q K^T * scale (B, heads, L, L) of a student and a
+teacher layer, built from what the model computes before attention dropout (training.attention_capture), are
+compared per head and real query row over the allowed keys, in one of three forms (`ATTENTION_LOSSES`):
+  kl          KL(softmax S_t || softmax S_s): the attention distributions (MiniLMv1, MobileBERT)
+  mse_probs   squared error of the two distributions summed over keys (like `logit_mse`, a sum over the support)
+  mse_scores  squared error of the scores themselves, a mean over the row's allowed keys; masked keys are left
+              out (TinyBERT fits the unnormalised scores by MSE and zeroes the masked ones)
+each averaged over heads and real query positions.
 All computed in float32. Boolean `mask` (B, L) marks real (non-pad) positions.
 """
 
@@ -31,6 +34,7 @@ from torch import Tensor
 from distil.losses.rows import zero_like_graph
 
 RELATIONS = ("query", "key", "value")
+ATTENTION_LOSSES = ("kl", "mse_probs", "mse_scores")
 
 
 def split_relation_heads(x: Tensor, heads: int) -> Tensor:
@@ -50,13 +54,17 @@ def allowed_keys(mask: Tensor, causal: bool) -> Tensor:
     return allowed
 
 
-def relation_log_probs(x: Tensor, heads: int, allowed: Tensor) -> Tensor:
-    """log softmax(X_r X_r^T / sqrt(d_r)) over allowed keys, (B, heads, L, L); disallowed keys get a very
-    negative log probability (their probability is exactly 0)."""
-    split = split_relation_heads(x.float(), heads)
-    scores = split @ split.transpose(-1, -2) / math.sqrt(split.shape[-1])
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+def masked_log_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    """log softmax over the allowed keys of (..., L, L) scores; disallowed keys get a very negative log
+    probability (their probability is exactly 0)."""
+    scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
     return torch.log_softmax(scores, dim=-1)
+
+
+def relation_log_probs(x: Tensor, heads: int, allowed: Tensor) -> Tensor:
+    """log softmax(X_r X_r^T / sqrt(d_r)) over allowed keys, (B, heads, L, L)."""
+    split = split_relation_heads(x.float(), heads)
+    return masked_log_softmax(split @ split.transpose(-1, -2) / math.sqrt(split.shape[-1]), allowed)
 
 
 def _row_kl(log_p: Tensor, log_q: Tensor, allowed: Tensor) -> Tensor:
@@ -92,24 +100,25 @@ def relation_loss(student_qkv: tuple[Tensor, Tensor, Tensor], teacher_qkv: tuple
     return sum(relation_kl(s, t, mask, heads, causal) for s, t in zip(student_qkv, teacher_qkv))
 
 
-def attention_map_loss(student_probs: Tensor, teacher_probs: Tensor, mask: Tensor, kind: str = "kl",
+def attention_map_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor, kind: str = "kl",
                        causal: bool = False) -> Tensor:
-    """TinyBERT: attention probabilities (B, heads, L, L) compared per head and real query row over the allowed
-    keys, by KL(teacher || student) (`kl`) or squared error summed over keys (`mse`); averaged over heads and
-    real query positions."""
-    if student_probs.shape != teacher_probs.shape:
-        raise ValueError(f"attention maps of different shapes: student {tuple(student_probs.shape)}, teacher "
-                         f"{tuple(teacher_probs.shape)} (the head counts must match)")
+    """Attention maps of one layer pair from their pre-softmax scores (B, heads, L, L), unmasked (padding and,
+    with `causal`, future keys are left out here), compared by `kind` (see the module doc); averaged over heads
+    and real query positions."""
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(f"attention scores of different shapes: student {tuple(student_scores.shape)}, teacher "
+                         f"{tuple(teacher_scores.shape)} (the head counts must match)")
     allowed = allowed_keys(mask, causal)
-    p, q = teacher_probs.float(), student_probs.float()
-    if kind == "kl":
-        # Probabilities that underflowed to 0 inside an allowed row: clamped so that log stays finite.
-        log_p = torch.where(allowed, p, torch.ones_like(p)).clamp_min(1e-30).log()
-        log_q = torch.where(allowed, q, torch.ones_like(q)).clamp_min(1e-30).log()
-        per_row = _row_kl(log_p, log_q, allowed)
-    elif kind == "mse":
-        diff = torch.where(allowed, q - p, torch.zeros_like(q))
-        per_row = (diff * diff).sum(dim=-1)
+    if kind == "mse_scores":
+        diff = torch.where(allowed, student_scores.float() - teacher_scores.float(), 0.0)
+        per_row = (diff * diff).sum(dim=-1) / allowed.sum(dim=-1).clamp_min(1)
+    elif kind in ("kl", "mse_probs"):
+        log_q, log_p = masked_log_softmax(student_scores, allowed), masked_log_softmax(teacher_scores, allowed)
+        if kind == "kl":
+            per_row = _row_kl(log_p, log_q, allowed)
+        else:
+            diff = torch.where(allowed, log_q.exp() - log_p.exp(), 0.0)
+            per_row = (diff * diff).sum(dim=-1)
     else:
-        raise ValueError(f"unknown attention loss {kind!r}; choose kl or mse")
+        raise ValueError(f"unknown attention loss {kind!r}; choose one of {', '.join(ATTENTION_LOSSES)}")
     return _mean_over_real_queries(per_row, mask)

@@ -1,8 +1,8 @@
 """What the relation and attention-map terms see of a model's self-attention, captured with forward hooks.
 
 No model code is forked: hooks on the query / key / value projection modules record their outputs (before the
-attention softmax, and before rotary embedding on decoders, which is applied after the projection), and a hook
-on the self-attention module records the attention probabilities it returns. Known layouts:
+attention softmax and its dropout, and before rotary embedding on decoders, which is applied after the
+projection). Known layouts:
 
   BERT, RoBERTa, ELECTRA   attention.self.{query, key, value}
   DistilBERT               attention.{q_lin, k_lin, v_lin}
@@ -11,9 +11,14 @@ on the self-attention module records the attention probabilities it returns. Kno
 
 Layers are 1-based block numbers, as hidden_states indices: layer i is block i.
 
-`transformers` returns attention probabilities only from its eager attention: the fused sdpa / flash kernels
-never form the (L x L) matrix and return None. Runs with attention-map terms therefore switch both models to
-eager attention (`use_eager_attention`); relation terms need no probabilities and keep the fast kernels.
+Relations use the projections as they are. Attention maps are rebuilt from the captured Q and K as the model
+scores them, S = Q K^T * scale (the module's own `scaling`), per head: rotary embedding applied with the
+(cos, sin) the block hands its attention module, and each key/value head repeated for the query heads of its
+group. They are never read from the attention module's returned probabilities: `transformers` returns those
+after attention dropout, so in training mode a student identical to its teacher would be scored as far from it,
+and the fused sdpa / flash kernels return none at all. The scores work with any attention implementation.
+Attention variants whose scores are not Q K^T * scale of the projections (per-head q/k norms, logit
+soft-capping) are refused at start-up; a sliding window is refused when a batch is longer than it.
 """
 
 from __future__ import annotations
@@ -27,14 +32,33 @@ from distil.errors import DistilError
 
 SEPARATE_PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 FUSED_PROJECTION = "c_attn"
+# Attention-module attributes that change the scores after the Q / K projections in ways the maps do not rebuild.
+UNSUPPORTED_SCORE_PARTS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+@dataclass
+class ScoreInputs:
+    """What one layer's attention scores are built from, captured before the softmax and its dropout."""
+
+    heads: int
+    kv_heads: int
+    scaling: float | None           # None: 1 / sqrt(head size)
+    sliding_window: int | None
+    query: torch.Tensor | None = None   # (B, L, heads x head size) projection output
+    key: torch.Tensor | None = None     # (B, L, kv_heads x head size)
+    rotary: tuple | None = None         # (cos, sin), each (B, L, head size), when the layer rotates Q and K
 
 
 @dataclass
 class Captured:
-    """Per 1-based layer: the (query, key, value) projection outputs (B, L, W) and the attention maps (B, H, L, L)."""
+    """Per 1-based layer: the (query, key, value) projection outputs (B, L, W) of relation layers, and what the
+    attention scores of map layers are built from (`scores(layer)`)."""
 
     qkv: dict[int, list] = field(default_factory=dict)
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    score_inputs: dict[int, ScoreInputs] = field(default_factory=dict)
+
+    def scores(self, layer: int) -> torch.Tensor:
+        return attention_scores(self.score_inputs[layer])
 
 
 def _projections(module: torch.nn.Module):
@@ -77,15 +101,70 @@ def head_count(model_config) -> int:
     return int(model_config.num_attention_heads)
 
 
-def use_eager_attention(model: torch.nn.Module) -> None:
-    """Switch a model to eager attention, the only implementation that returns attention probabilities."""
-    if getattr(model.config, "_attn_implementation", "eager") != "eager":
-        model.set_attn_implementation("eager")
+def key_value_head_count(model_config) -> int:
+    return int(getattr(model_config, "num_key_value_heads", None) or head_count(model_config))
+
+
+def check_scores_rebuildable(model: torch.nn.Module) -> None:
+    """DistilError unless every layer's attention scores are Q K^T * scale of its projections (see module doc)."""
+    config = model.config
+    for module in attention_modules(model):
+        extra = [name for name in UNSUPPORTED_SCORE_PARTS if getattr(module, name, None) is not None]
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            extra.append("attention logit soft-capping")
+        if extra:
+            raise DistilError(
+                f"The attention-map loss rebuilds each layer's attention scores from its query and key projections, "
+                f"but this {config.model_type} model changes them after the projections ({', '.join(extra)}), which "
+                "distil does not rebuild. Use loss.alpha_relation (self-attention relations of the projections) "
+                "instead, or set loss.alpha_attention to 0."
+            )
+
+
+def _score_inputs(model: torch.nn.Module, module: torch.nn.Module) -> ScoreInputs:
+    config = model.config
+    window = getattr(module, "sliding_window") if hasattr(module, "sliding_window") \
+        else getattr(config, "sliding_window", None)
+    return ScoreInputs(heads=head_count(config), kv_heads=key_value_head_count(config),
+                       scaling=getattr(module, "scaling", None), sliding_window=window)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_scores(inputs: ScoreInputs) -> torch.Tensor:
+    """Pre-softmax attention scores (B, heads, L, L) in float32, unmasked: per head Q K^T * scale after rotary
+    embedding (when the layer has one), each key head repeated for the query heads of its group."""
+    batch, length, width = inputs.query.shape
+    if inputs.sliding_window is not None and length > inputs.sliding_window:
+        raise DistilError(
+            f"A batch of {length} positions is longer than the model's sliding attention window "
+            f"({inputs.sliding_window}), which the attention-map loss does not rebuild. Use sequences of at most "
+            f"{inputs.sliding_window} tokens (prepare --max-length), or loss.alpha_relation instead."
+        )
+    head_size = width // inputs.heads
+    query = inputs.query.float().view(batch, length, inputs.heads, head_size).transpose(1, 2)
+    key = inputs.key.float().view(batch, length, inputs.kv_heads, head_size).transpose(1, 2)
+    if inputs.rotary is not None:
+        cos, sin = (t.float().unsqueeze(1) for t in inputs.rotary)
+        if cos.shape[-1] != head_size:
+            raise DistilError(
+                f"This model rotates {cos.shape[-1]} of each head's {head_size} dimensions (partial rotary "
+                "embedding), which the attention-map loss does not rebuild. Use loss.alpha_relation instead."
+            )
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+    if inputs.kv_heads != inputs.heads:
+        key = key.repeat_interleave(inputs.heads // inputs.kv_heads, dim=1)
+    scaling = inputs.scaling if inputs.scaling is not None else head_size ** -0.5
+    return query @ key.transpose(-1, -2) * scaling
 
 
 @contextlib.contextmanager
 def captured_attention(model: torch.nn.Module, relation_layers: set[int], map_layers: set[int]):
-    """Within the block, forwards of `model` record Q/K/V of `relation_layers` and attention maps of
+    """Within the block, forwards of `model` record Q/K/V of `relation_layers` and the score inputs of
     `map_layers` into the yielded Captured (the latest forward's values)."""
     captured = Captured()
     handles = []
@@ -101,7 +180,15 @@ def captured_attention(model: torch.nn.Module, relation_layers: set[int], map_la
             else:
                 handles.append(projections.register_forward_hook(_store_fused(captured.qkv, layer)))
         for layer in sorted(map_layers):
-            handles.append(modules[layer - 1].register_forward_hook(_store_map(captured.maps, layer)))
+            attention = modules[layer - 1]
+            inputs = captured.score_inputs[layer] = _score_inputs(model, attention)
+            projections = _projections(attention)
+            if isinstance(projections, tuple):
+                handles.append(projections[0].register_forward_hook(_store_attribute(inputs, "query")))
+                handles.append(projections[1].register_forward_hook(_store_attribute(inputs, "key")))
+            else:
+                handles.append(projections.register_forward_hook(_store_fused_query_key(inputs)))
+            handles.append(attention.register_forward_pre_hook(_store_rotary(inputs), with_kwargs=True))
     try:
         yield captured
     finally:
@@ -121,25 +208,37 @@ def _store_fused(qkv: dict, layer: int):
     return hook
 
 
-def _store_map(maps: dict, layer: int):
-    def hook(module, _args, output):
-        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if probs is None:
-            raise DistilError(
-                f"The attention-map loss needs attention probabilities, but {type(module).__name__} returned none: "
-                "fused attention kernels (sdpa, flash) never form them. Load the models with "
-                "attn_implementation='eager' (distil train does this when loss.alpha_attention > 0), or use "
-                "loss.alpha_relation instead."
-            )
-        maps[layer] = probs
+def _store_attribute(inputs: ScoreInputs, name: str):
+    def hook(_module, _args, output):
+        setattr(inputs, name, output)
     return hook
 
 
+def _store_fused_query_key(inputs: ScoreInputs):
+    def hook(_module, _args, output):
+        inputs.query, inputs.key, _ = output.chunk(3, dim=-1)
+    return hook
+
+
+def _store_rotary(inputs: ScoreInputs):
+    """The (cos, sin) a Llama-style block passes its attention module; None for models without rotary."""
+    def hook(_module, _args, kwargs):
+        inputs.rotary = kwargs.get("position_embeddings")
+    return hook
+
+
+# MiniLMv2 (Wang et al. 2021) distils the last layer of base-size (12-layer) teachers and an upper-middle layer of
+# large (24-layer) ones: layer 21 of 24 for BERT-large and RoBERTa-large. Deeper teachers keep that proportion.
+LARGE_TEACHER_LAYERS = 24
+LARGE_TEACHER_RELATION_LAYER = 21
+
+
 def default_relation_layers(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
-    """The student's last layer against the teacher's last layer; against the upper-middle teacher layer
-    round(0.75 * n_teacher) when the teacher is at least twice as deep (MiniLMv2 distils an upper-middle layer
-    of deep teachers, whose last layers are specialised to the pre-training task)."""
-    teacher_layer = round(0.75 * n_teacher) if n_teacher >= 2 * n_student else n_teacher
+    """MiniLMv2's choice: the student's last layer against the teacher's last layer, or, for a teacher of 24 or
+    more layers, against its layer round(21/24 x n) (21 of 24). The student's depth does not enter."""
+    teacher_layer = n_teacher
+    if n_teacher >= LARGE_TEACHER_LAYERS:
+        teacher_layer = round(LARGE_TEACHER_RELATION_LAYER * n_teacher / LARGE_TEACHER_LAYERS)
     return [(n_student, teacher_layer)]
 
 
@@ -187,7 +286,7 @@ def check_attention_settings(student: torch.nn.Module, teacher: torch.nn.Module,
         check_layers_in_range(relation_pairs, n_s, n_t, "loss.relation_layers")
         check_relation_heads(relation_heads or head_count(teacher.config), student, teacher, relation_pairs)
     if wants_maps:
-        attention_modules(student), attention_modules(teacher)
+        check_scores_rebuildable(student), check_scores_rebuildable(teacher)
         if attention_pairs is not None and not attention_pairs:
             raise DistilError("The attention-map loss has no layer pairs: loss.hidden_layers maps only the embeddings "
                               "(layer 0), which have no attention. Set loss.attention_layers to "

@@ -119,7 +119,7 @@ class TermSpec:
     relation_pairs: list[tuple[int, int]] | None = None    # (student layer, teacher layer) of the relation term
     relation_heads: int | None = None                      # None: the teacher's head count
     attention_pairs: list[tuple[int, int]] | None = None   # None: layer_pairs without the embeddings
-    attention_loss: str = "kl"                             # kl | mse between attention maps
+    attention_loss: str = "kl"                             # kl | mse_probs | mse_scores (losses.relations)
     pooling: object = None           # SentencePooling of the sentence-embedding terms (distil.sentence_embeddings)
 
     @property
@@ -302,7 +302,7 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
                     for s, t in spec.relation_pairs]
         terms["relation"] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
     if "attention" in w:
-        per_pair = [losses.attention_map_loss(s_attention.maps[s], t_attention.maps[t], real, spec.attention_loss,
+        per_pair = [losses.attention_map_loss(s_attention.scores(s), t_attention.scores(t), real, spec.attention_loss,
                                               causal) for s, t in spec.attention_pairs]
         terms["attention"] = (torch.stack(per_pair).mean(), batch.local_tokens, batch.step_tokens)
     return terms

@@ -24,7 +24,7 @@ from distil.data import shards
 from distil.data.masking import MLMMasker, mask_probabilities
 from distil.errors import DistilError
 from distil.loading import load_config, load_model, load_tokenizer, vocab_size_of
-from distil.training.attention_capture import check_attention_terms, use_eager_attention
+from distil.training.attention_capture import check_attention_terms
 from distil.sentence_embeddings import resolve_pooling, teacher_pooling
 from distil.training.fused_head import output_projection
 
@@ -229,9 +229,6 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
         log.info("sentence embeddings: %s pooling%s, from %s", sentence_pooling.mode,
                  ", L2-normalised" if sentence_pooling.normalize else "", sentence_pooling.source)
     check_attention_terms(teacher, student, config.loss)
-    if loss.alpha_attention > 0:  # only eager attention returns the probabilities (see attention_capture)
-        use_eager_attention(teacher)
-        use_eager_attention(student)
     check_data_matches_tokenizer(config.data.path, tokenizer, teacher.config)
 
     teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
