@@ -321,3 +321,65 @@ def test_prune_from_the_command_line(workspace, tmp_path):
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
             config["num_hidden_layers"]) == (16, 32, 2, 2)
     assert main(["init-student", str(teacher), "-o", str(tmp_path / "x"), "--hidden-size", "16"]) == 2
+
+
+# ---- norms over the kept channels: first-order correction from calibration ------------------------------------
+
+
+def test_norm_correction_statistics_of_a_hand_computed_token():
+    """x = (1, 2, 3, 6), channels 2 and 3 kept, eps 0. LayerNorm: mu 3, sigma sqrt(3.5); kept mu' 4.5, sigma' 1.5,
+    so a = b = 1.5 / sqrt(3.5), and a (x_c - mu') / sigma' + b is the teacher's (x_c - mu) / sigma: 3 / sqrt(3.5)
+    for x_c = 6. RMSNorm: rms sqrt(12.5), kept rms sqrt(22.5): a = sqrt(22.5 / 12.5), b = 0."""
+    from distil.pruning import norm_statistics
+
+    x, kept = torch.tensor([[1.0, 2.0, 3.0, 6.0]]), torch.tensor([2, 3])
+    a, b = norm_statistics(x, kept, "layer", 0.0)
+    assert a.item() == pytest.approx(1.5 / 3.5 ** 0.5) and b.item() == pytest.approx(1.5 / 3.5 ** 0.5)
+    assert (a * (6 - 4.5) / 1.5 + b).item() == pytest.approx(3 / 3.5 ** 0.5)
+    a, b = norm_statistics(x, kept, "rms", 0.0)
+    assert a.item() == pytest.approx((22.5 / 12.5) ** 0.5) and b.item() == 0.0
+
+
+def _embedding_norm_outputs(model, ids, mask):
+    """What the norm that reads the embeddings outputs, on real tokens."""
+    seen = {}
+    norm = dict(model.named_modules())[layout_for(model).embedding_norm]
+    handle = norm.register_forward_hook(lambda _m, _a, out: seen.update(out=out))
+    try:
+        _forward(model, ids, mask)
+    finally:
+        handle.remove()
+    return seen["out"][mask.bool()]
+
+
+@pytest.mark.parametrize("family,spread,before,after", [
+    ("bert", 3.0, 0.27, 0.15), ("llama", 3.0, 0.23, 0.05), ("bert", 1.0, 0.21, 0.218)])
+def test_norm_correction_of_the_embedding_norm_from_calibration(family, spread, before, after, workspace):
+    """Half the channels kept; the even channels of the embeddings scaled by `spread` (the channels of trained
+    models differ in size; importance keeps the larger ones). The embedding norm's output against the teacher's
+    on the kept channels, on held-out text, relative error measured before / after the correction: BERT->DistilBERT
+    0.278 / 0.146, Llama 0.242 / 0.047; channels all alike (spread 1): 0.218 / 0.217, the per-token spread of the
+    statistics that no constant removes."""
+    from distil.pruning import measure_norm_corrections
+
+    teacher_path, data = workspace[family]
+    teacher, _ = _load(teacher_path, family)
+    model = bert_to_distilbert(teacher, [0, 1, 2, 3]) if family == "bert" else teacher
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, ::2] *= spread
+        if family == "bert":
+            model.distilbert.embeddings.position_embeddings.weight[:, ::2] *= spread
+    sequences, pad = load_calibration(str(data), 64, model.config.vocab_size)
+    plan = plan_from_importance(measure_importance(model, sequences, pad), resolve_sizes(teacher.config, **HALF),
+                                teacher_sizes(model.config))
+    corrections = measure_norm_corrections(model, sequences, pad, plan.channels)
+    assert list(corrections) == [layout_for(model).embedding_norm]
+    ids, mask = _batch(data, "heldout", 32)
+    target = _embedding_norm_outputs(model, ids, mask)[:, plan.channels]
+
+    def relative_error(student):
+        return float((_embedding_norm_outputs(student, ids, mask) - target).norm() / target.norm())
+
+    plain, corrected = relative_error(prune_width(model, plan)), relative_error(prune_width(model, plan, corrections))
+    assert plain > before and corrected < after and corrected < plain, (plain, corrected)
+    assert measure_norm_corrections(model, sequences, pad, list(range(32))) == {}  # keeping all: nothing to correct

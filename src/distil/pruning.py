@@ -14,6 +14,21 @@ order. Ties are broken by index (the lower index wins), so the same calibration 
 Grouped-query attention keeps its ratio: a key/value head is kept with all the query heads that share it, groups
 being ranked by the summed importance of their query heads. The head size never changes: BERT-style models need
 hidden size = heads x teacher head size; Llama-style models record head_dim in the config.
+
+Norms over fewer channels: a pruned LayerNorm takes its mean and variance (an RMSNorm its root mean square) over
+the kept channels only, so even on the teacher's own input its output on a kept channel c is not the teacher's.
+Per token, with mu, sigma over all channels and mu', sigma' over the kept ones,
+  (x_c - mu) / sigma = a (x_c - mu') / sigma' + b,   a = sigma' / sigma,  b = (mu' - mu) / sigma
+(RMSNorm: a = rms' / rms, b = 0). The norm that reads the embeddings (BERT-style: the embeddings' LayerNorm;
+Llama-style: layer 0's input norm) sees in the student exactly the teacher's kept channels, so its a and b,
+averaged over the real tokens of the calibration sample, are folded into its kept weight and bias:
+gamma' = gamma a, beta' = beta + gamma b (`measure_norm_corrections`). This removes the systematic part of the
+error (kept channels larger or smaller than the rest); the per-token spread of a and b remains: measured on tiny
+models with half the channels kept, relative error of that norm's output 0.28 -> 0.15 (BERT) and 0.24 -> 0.05
+(Llama) when the kept channels are 3x larger than the others, 0.218 -> 0.217 when all channels are alike. Deeper
+norms read a stream that the removed heads, neurons and channels have already changed, so the same correction
+has no exact footing there (measured: some states better, the logits up to 7% worse); they are left as sliced.
+Keeping every channel changes nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +65,7 @@ class Layout:
     head_norms: tuple[str, ...]  # hidden-size norms of the LM head (sliced, not scored)
     channel_columns: tuple[str, ...]  # weights (rows, hidden): embeddings, decoders
     channel_square: tuple[str, ...]  # (hidden, hidden) transforms of the MLM head
+    embedding_norm: str  # the hidden-size norm that reads the embeddings (its statistics are corrected)
 
 
 def _encoder_layout(prefix: str, head: tuple[str, str, str]) -> Layout:
@@ -62,7 +78,7 @@ def _encoder_layout(prefix: str, head: tuple[str, str, str]) -> Layout:
         head_norms=(norm,),
         channel_columns=tuple(f"{prefix}.embeddings.{e}_embeddings" for e in ("word", "position", "token_type"))
         + (decoder,),
-        channel_square=(dense,),
+        channel_square=(dense,), embedding_norm=f"{prefix}.embeddings.LayerNorm",
     )
 
 
@@ -71,6 +87,7 @@ _DECODER_LAYOUT = Layout(
     attn_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_down="mlp.down_proj",
     block_norms=("input_layernorm", "post_attention_layernorm"), outer_norms=("model.norm",), head_norms=(),
     channel_columns=("model.embed_tokens", "lm_head"), channel_square=(),
+    embedding_norm="model.layers.0.input_layernorm",
 )
 LAYOUTS = {
     "distilbert": Layout(
@@ -80,7 +97,7 @@ LAYOUTS = {
         head_norms=("vocab_layer_norm",),
         channel_columns=("distilbert.embeddings.word_embeddings", "distilbert.embeddings.position_embeddings",
                          "vocab_projector"),
-        channel_square=("vocab_transform",),
+        channel_square=("vocab_transform",), embedding_norm="distilbert.embeddings.LayerNorm",
     ),
     "bert": _encoder_layout("bert", ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
                                      "cls.predictions.decoder")),
@@ -283,6 +300,77 @@ def measure_importance(model, sequences: list[np.ndarray], pad_id: int, batch_si
     )
 
 
+@dataclass(frozen=True)
+class NormCorrection:
+    """Calibration means of a = (spread over kept channels) / (spread over all) and b = (mean over kept - mean
+    over all) / (spread over all) of a norm's input (see the module doc); b is 0 for RMSNorm."""
+
+    scale: float
+    shift: float
+
+
+def _norm_kind(module) -> tuple[str, float]:
+    """("layer", eps) for LayerNorm, ("rms", eps) for the RMSNorms of Llama-style models."""
+    import torch
+
+    if isinstance(module, torch.nn.LayerNorm):
+        return "layer", float(module.eps)
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+    if eps is None:
+        raise DistilError(f"Width pruning does not know the normalisation {type(module).__name__}. Prune layers only.")
+    return "rms", float(eps)
+
+
+def norm_statistics(x, kept, kind: str, eps: float):
+    """Per-token (a, b) of the norm's input x (..., hidden) for the `kept` channel indices, in float64."""
+    import torch
+
+    x = x.double()
+    part = x[..., kept]
+    if kind == "rms":
+        spread = (x.square().mean(-1) + eps).sqrt()
+        return (part.square().mean(-1) + eps).sqrt() / spread, torch.zeros_like(spread)
+    mean, kept_mean = x.mean(-1), part.mean(-1)
+    spread = (x.var(-1, unbiased=False) + eps).sqrt()
+    return (part.var(-1, unbiased=False) + eps).sqrt() / spread, (kept_mean - mean) / spread
+
+
+def measure_norm_corrections(model, sequences: list[np.ndarray], pad_id: int, channels: list[int],
+                             batch_size: int = 16) -> dict[str, NormCorrection]:
+    """{name: correction} of the norm that reads the embeddings, for keeping `channels` (module doc), from the
+    teacher's own inputs to it on the calibration sample; empty when every channel is kept."""
+    import torch
+
+    from distil.data.dataset import pad_batch
+
+    layout = layout_for(model)
+    if list(channels) == list(range(teacher_sizes(model.config).hidden_size)):
+        return {}
+    norm = dict(model.named_modules())[layout.embedding_norm]
+    kind, eps = _norm_kind(norm)
+    kept = torch.as_tensor(channels)
+    sums, current = torch.zeros(2, dtype=torch.float64), {}
+
+    def record(_module, args):
+        scale, shift = norm_statistics(args[0].detach(), kept, kind, eps)
+        real = current["mask"].to(torch.float64)
+        sums.add_(torch.stack([(scale * real).sum(), (shift * real).sum()]))
+
+    handle = norm.register_forward_pre_hook(record)
+    extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                ids, mask = pad_batch(sequences[start : start + batch_size], pad_id)
+                current["mask"] = mask
+                model.base_model(input_ids=ids, attention_mask=mask, **extra)
+                tokens += int(mask.sum())
+    finally:
+        handle.remove()
+    return {layout.embedding_norm: NormCorrection(float(sums[0]) / tokens, float(sums[1]) / tokens)}
+
+
 def top_indices(scores: np.ndarray, keep: int) -> list[int]:
     """The `keep` highest scores' indices in ascending index order; equal scores prefer the lower index."""
     order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
@@ -311,8 +399,9 @@ def pruned_config(config, sizes: WidthSizes):
     return cfg
 
 
-def prune_width(model, plan: WidthPlan):
-    """A new model of `model`'s class holding only the kept channels, heads and neurons of its weights."""
+def prune_width(model, plan: WidthPlan, norm_corrections: dict[str, NormCorrection] | None = None):
+    """A new model of `model`'s class holding only the kept channels, heads and neurons of its weights; with
+    `norm_corrections` (measure_norm_corrections), each named norm's kept scale and bias corrected."""
     import torch
 
     layout = layout_for(model)
@@ -364,6 +453,12 @@ def prune_width(model, plan: WidthPlan):
                 f"{tuple(expected[key].shape)}) in this {model.config.model_type} model. Prune layers only."
             )
         target[key] = tensor.contiguous()
+    for name, correction in (norm_corrections or {}).items():
+        # gamma' = gamma a, beta' = beta + gamma b (module doc); the bias uses the uncorrected kept scale.
+        weight = target[f"{name}.weight"]
+        if f"{name}.bias" in target:
+            target[f"{name}.bias"] = target[f"{name}.bias"] + weight * correction.shift
+        target[f"{name}.weight"] = weight * correction.scale
     student.load_state_dict(target, strict=True)
     return student.eval()
 
@@ -374,7 +469,8 @@ def width_prune(model, calibration_data: str, calibration_sequences: int, sizes:
     sequences, pad_id = load_calibration(calibration_data, calibration_sequences, model.config.vocab_size)
     importance = measure_importance(model, sequences, pad_id)
     plan = plan_from_importance(importance, sizes, teacher)
-    student = prune_width(model, plan)
+    corrections = measure_norm_corrections(model, sequences, pad_id, plan.channels)
+    student = prune_width(model, plan, corrections)
     group = teacher.num_heads // teacher.num_key_value_heads
     record = {
         "hidden_size": {"teacher": teacher.hidden_size, "student": sizes.hidden_size},
@@ -388,5 +484,6 @@ def width_prune(model, calibration_data: str, calibration_sequences: int, sizes:
         "calibration": {"data": str(calibration_data), "sequences": importance.sequences, "tokens": importance.tokens},
         "importance": "per-sequence mean over tokens of |activation| (heads: L2 norm of the head's attention output), "
                       "L2 over sequences; channels summed over the hidden-size norms' outputs",
+        "norm_corrections": {name: {"scale": c.scale, "shift": c.shift} for name, c in corrections.items()},
     }
     return student, record

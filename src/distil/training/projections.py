@@ -10,8 +10,11 @@ student can then shrink together to zero.)
 The maps live on the trained module as one sub-module (so the optimizer, DDP and the checkpoints carry them
 like any weight), are saved beside the final student as `projections.safetensors`, and are taken out of the
 student before it is written: the final student is a plain model of its own width. A student pruned from the
-teacher starts with each map sending its channel i back to the teacher channel it was cut from, so at step 0 the
-loss compares the kept channels exactly.
+teacher starts with each map sending its channel i back to the teacher channel it was cut from (zeros on the
+removed channels), so at step 0 the loss compares each kept channel with the teacher's same channel. The values
+there are close to the teacher's, not equal: the removed heads, neurons and channels no longer contribute, and
+the pruned norms take their statistics over the kept channels only (corrected from calibration for the norm that
+reads the embeddings, see distil.pruning).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def pair_key(student_layer: int, teacher_layer: int) -> str:
 
 
 class Projections(torch.nn.Module):
-    """One Linear(d_s, d_t) per key; `kept_channels` (d_s teacher channel indices) starts each as their scatter."""
+    """One Linear(d_s, d_t) per key; `kept_channels` (d_s teacher channel indices) starts each as their scatter
+    (student channel i -> teacher channel kept_channels[i])."""
 
     def __init__(self, keys: list[str], student_width: int, teacher_width: int,
                  kept_channels: list[int] | None = None):
