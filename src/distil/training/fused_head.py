@@ -9,8 +9,8 @@ backward pass only scales them). The values equal the plain formulation in `dist
 
 Models that transform their logits after the output layer (Gemma-2's `final_logit_softcapping`:
 cap * tanh(logits / cap); Cohere's `logit_scale`: logits * scale; Granite's `logits_scaling`: logits / scaling)
-get the same transform here, on each chunk, on the student's side and the teacher's, with its derivative in the
-gradient: `output_projection` records the model's transform with the projection it returns, the fused head
+get the same transform here (distil.losses.logit_transform, shared with the store's sparse head), on each chunk,
+on the student's side and the teacher's, with its derivative in the gradient: `output_projection` records the model's transform with the projection it returns, the fused head
 applies it after projecting, and `projection_replaced` switches the model's own transform off while the fused
 head stands in for its output layer (else it would be applied to the fused loss or to the teacher's states).
 """
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distil.loading import vocab_size_of
+from distil.losses.logit_transform import LogitTransform, chain_through_transform_, transform_logits_
 
 CHUNK_ROWS = 128
 
@@ -40,27 +41,6 @@ class HeadTerms:
     skew_alpha: float = 0.1
     coef_mse: float = 0.0     # logit squared error summed over the vocabulary, over kd rows
     coef_lm: float = 0.0      # cross-entropy against row labels (MLM targets or next tokens)
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model does to its logits after the output layer, in this order: multiply by `multiply` (Cohere's
-    logit_scale), divide by `divide` (Granite's logits_scaling), then cap * tanh(logits / cap) with cap =
-    `softcap` (Gemma-2's final_logit_softcapping). The operations are the model's own, in its order."""
-
-    multiply: float | None = None
-    divide: float | None = None
-    softcap: float | None = None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """The plain, differentiable form (what the model computes)."""
-        if self.multiply is not None:
-            logits = logits * self.multiply
-        if self.divide is not None:
-            logits = logits / self.divide
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 # model_type -> (where the model reads its setting: "config" or "model" (an attribute of the LM module itself),
@@ -120,34 +100,6 @@ def _model_transform_off(projection: torch.nn.Module):
         yield
     finally:
         setattr(target, attr, before)
-
-
-def _transform_(logits: torch.Tensor, transform: LogitTransform, tanh_out: torch.Tensor | None = None):
-    """Apply `transform` to a chunk's logits in place; with `tanh_out`, keep tanh(logits / cap) there (for the
-    derivative)."""
-    if transform.multiply is not None:
-        logits.mul_(transform.multiply)
-    if transform.divide is not None:
-        logits.div_(transform.divide)
-    if transform.softcap is not None:
-        logits.div_(transform.softcap)
-        if tanh_out is None:
-            logits.tanh_()
-        else:
-            logits.copy_(torch.tanh(logits, out=tanh_out))
-        logits.mul_(transform.softcap)
-    return logits
-
-
-def _chain_(grad: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> torch.Tensor:
-    """d loss / d projected logits from d loss / d transformed logits, in place (`tanh` is consumed)."""
-    if transform.softcap is not None:
-        grad.mul_(tanh.square_().neg_().add_(1.0))   # d cap tanh(u / cap) / du = 1 - tanh^2
-    if transform.divide is not None:
-        grad.div_(transform.divide)
-    if transform.multiply is not None:
-        grad.mul_(transform.multiply)
-    return grad
 
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
@@ -247,7 +199,7 @@ class _FusedHead(torch.autograd.Function):
             h = hidden[rows]
             s = _logits_into(work[0, :c], h, w, b)          # student logits
             if s_transform is not None:
-                _transform_(s, s_transform, work[3, :c] if capped else None)
+                transform_logits_(s, s_transform, work[3, :c] if capped else None)
             grad = work[2, :c]                               # d loss / d logits, built in place
             have_grad = False
             lm_rows, lm_grad = None, None
@@ -267,7 +219,7 @@ class _FusedHead(torch.autograd.Function):
                 every_row = bool(kd.all())
                 t = _logits_into(work[1, :c], teacher_hidden[rows], teacher_weight, teacher_bias)
                 if t_transform is not None:
-                    _transform_(t, t_transform)
+                    transform_logits_(t, t_transform)
                 if terms.coef_mse != 0:
                     # rare term: plain temporaries are fine
                     diff = (s - t) * kd.unsqueeze(1).to(s.dtype)
@@ -315,7 +267,7 @@ class _FusedHead(torch.autograd.Function):
                 grad.index_add_(0, lm_rows, lm_grad)
                 del lm_grad
             if s_transform is not None:  # back through the transform to the projected logits
-                _chain_(grad, s_transform, work[3, :c] if capped else None)
+                chain_through_transform_(grad, s_transform, work[3, :c] if capped else None)
             grads.add(rows, grad, h, w)
             del grad
         grads.save(ctx)

@@ -1,0 +1,64 @@
+"""What some models do to their logits after the output layer, and its derivative, for the fused heads.
+
+Gemma-2's `final_logit_softcapping`: cap * tanh(logits / cap); Cohere's `logit_scale`: logits * scale; Granite's
+`logits_scaling`: logits / scaling. A fused head (training.fused_head for a live teacher, teacher_cache.sparse_head
+for a store) stands in for the output layer and switches the model's own transform off, so it applies the
+transform to each chunk of projected logits itself and chains its gradient back through it: these two in-place
+functions are that one definition, and `LogitTransform.__call__` the plain form both are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its logits after the output layer, in this order: multiply by `multiply` (Cohere's
+    logit_scale), divide by `divide` (Granite's logits_scaling), then cap * tanh(logits / cap) with cap =
+    `softcap` (Gemma-2's final_logit_softcapping). The operations are the model's own, in its order."""
+
+    multiply: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The plain, differentiable form (what the model computes)."""
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def transform_logits_(logits: torch.Tensor, transform: LogitTransform, tanh_out: torch.Tensor | None = None):
+    """Apply `transform` to a chunk's logits in place; with `tanh_out`, keep tanh(logits / cap) there (for the
+    derivative)."""
+    if transform.multiply is not None:
+        logits.mul_(transform.multiply)
+    if transform.divide is not None:
+        logits.div_(transform.divide)
+    if transform.softcap is not None:
+        logits.div_(transform.softcap)
+        if tanh_out is None:
+            logits.tanh_()
+        else:
+            logits.copy_(torch.tanh(logits, out=tanh_out))
+        logits.mul_(transform.softcap)
+    return logits
+
+
+def chain_through_transform_(grad: torch.Tensor, transform: LogitTransform, tanh: torch.Tensor | None) -> torch.Tensor:
+    """d loss / d projected logits from d loss / d transformed logits, in place (`tanh`, kept by
+    transform_logits_, is consumed)."""
+    if transform.softcap is not None:
+        grad.mul_(tanh.square_().neg_().add_(1.0))   # d cap tanh(u / cap) / du = 1 - tanh^2
+    if transform.divide is not None:
+        grad.div_(transform.divide)
+    if transform.multiply is not None:
+        grad.mul_(transform.multiply)
+    return grad
