@@ -14,7 +14,7 @@ divergence here, so that changing the divergence does not silently rescale the l
   tvd                1/2 sum |p - q|                            total variation distance
 
 These are the plain formulations: the fused output layer computes the same values chunk by chunk and is tested
-against them. Computed in float32.
+against them. Computed in float32 (in float64 for float64 logits).
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
 
 def divergence_sum(student_logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float,
                    jsd_beta: float = 0.5, skew_alpha: float = 0.1) -> Tensor:
-    """The divergence `kind` summed over the rows of (N, V) logits, times T^2 (float32)."""
+    """The divergence `kind` summed over the rows of (N, V) logits, times T^2 (float32, or float64)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if kind == "forward_kl":
         value = _kl(log_p, log_q)
     elif kind == "reverse_kl":

@@ -15,7 +15,8 @@ from the rest of the distribution with their log-probabilities and importance we
                           the draws is the dense forward KL, and so is its gradient's (q - p). Only forward KL is an
                           expectation under p, so only it has this estimate.
 
-All values are sums over rows times T^2, as `divergence_sum`; callers divide by their row counts. float32.
+All values are sums over rows times T^2, as `divergence_sum`; callers divide by their row counts. float32 (float64
+logits stay float64: the reference the fused sparse head is checked against).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class SparseTargets:
                                 for f in fields(self)})
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32, or float64 when it is float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def unsupported_divergence(divergence: str, sampled: bool) -> str | None:
     """Why `divergence` cannot be computed from a store (with or without sampled tokens), or None if it can."""
     if sampled and divergence not in SAMPLED_DIVERGENCES:
@@ -68,7 +74,7 @@ def student_log_probs(student_logits: Tensor, ids: Tensor, temperature: float, e
                       with_rest: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(log q at `ids` (N, k), log of q's mass outside `ids` (N,) or None, log q at `extra_ids` or None), with
     q = softmax(student_logits / T) over the whole vocabulary."""
-    z = student_logits.float() / temperature
+    z = at_least_float32(student_logits) / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     log_q = z.gather(1, ids) - lse
     log_rest = None
@@ -84,7 +90,8 @@ def bucketed_divergence_sum(student_logits: Tensor, targets: SparseTargets, temp
     """The divergence between the (k+1)-bucket distributions (top-k tokens + rest), summed over rows, times T^2."""
     log_q, log_q_rest, _ = student_log_probs(student_logits, targets.top_ids, temperature)
     student = torch.cat([log_q, log_q_rest.unsqueeze(1)], dim=1)
-    teacher = torch.cat([targets.top_logp.float(), targets.log_rest.float().clamp_min(LOG_FLOOR).unsqueeze(1)], dim=1)
+    teacher = torch.cat([targets.top_logp.to(student.dtype),
+                         targets.log_rest.to(student.dtype).clamp_min(LOG_FLOOR).unsqueeze(1)], dim=1)
     # Both rows are normalised log-probabilities, so divergence_sum's log-softmax at temperature 1 leaves them as
     # they are; the T^2 of the recipe's temperature is applied here.
     return divergence_sum(student, teacher, divergence, 1.0, jsd_beta, skew_alpha) * temperature**2
@@ -95,10 +102,10 @@ def sampled_forward_kl_sum(student_logits: Tensor, targets: SparseTargets, tempe
     over rows, times T^2."""
     log_q, _, log_q_drawn = student_log_probs(student_logits, targets.top_ids, temperature, targets.sample_ids,
                                               with_rest=False)
-    top_logp = targets.top_logp.float()
-    sample_logp = targets.sample_logp.float()
+    top_logp = targets.top_logp.to(log_q.dtype)
+    sample_logp = targets.sample_logp.to(log_q.dtype)
     value = (top_logp.exp() * (top_logp - log_q)).sum()
-    value = value + (targets.sample_logw.float().exp() * (sample_logp - log_q_drawn)).sum()
+    value = value + (targets.sample_logw.to(log_q.dtype).exp() * (sample_logp - log_q_drawn)).sum()
     return value * temperature**2
 
 
