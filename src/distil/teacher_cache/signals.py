@@ -40,7 +40,8 @@ def sparse_signals(logits: Tensor, k: int, temperature: float, sampled: int = 0,
     draws (with replacement) from a proposal over the tail: r proportional to p^(1 / proposal_temperature) on the
     tokens outside the top-k (1: the tail renormalised; > 1: flatter, more of the far tail). Each draw keeps
     log p and its importance log-weight log(p / (sampled * r)), so that sum_j w_j f(j) estimates the sum of p f
-    over the tail without bias."""
+    over the tail without bias. With proposal_temperature 1 every weight is R / sampled: the weights sum to the
+    rest mass exactly, which is why a control variate on R gains nothing there (benchmarks/bench_tail_estimator.py)."""
     z = logits.float() / temperature
     logp = torch.log_softmax(z, dim=-1)
     top_logp, top_ids = logp.topk(k, dim=-1)
