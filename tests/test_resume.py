@@ -116,7 +116,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     weights.write_bytes(weights.read_bytes()[:-7])  # a copy cut short
     with caplog.at_level("WARNING"):
         assert ckpt.find_resumable(run_dir).name == "step-00000010"
-    assert "incomplete or damaged" in caplog.text
+    assert "is damaged" in caplog.text and f"{ckpt.WEIGHTS} holds" in caplog.text
 
 
 def test_checkpoint_restores_weights_optimizer_and_generators(tmp_path):
@@ -142,3 +142,156 @@ def test_checkpoint_restores_weights_optimizer_and_generators(tmp_path):
     assert torch.equal(other.weight, weights)
     assert torch.equal(other_opt.state[other.weight]["exp_avg"], exp_avg)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# In-process runs of a few steps, dropout off where a resume changes how steps are split (the dropout draws then
+# follow the new split, as they would in a run started with it).
+SHORT = 6
+
+
+def short_run(workspace, name, batch_size=8, checkpoint_every=2, optim=None, **run):
+    """A finished run of SHORT steps whose student is then removed: what a run killed after its last checkpoint
+    leaves. Returns (recipe, run directory, per-step rows of the uninterrupted run)."""
+    import shutil
+
+    from distil.config import load_config
+    from distil.training.loop import train
+
+    root, teacher, data = workspace
+    path = write_recipe(root / f"{name}.yaml", teacher, data, root / name, data={"batch_size": batch_size},
+                        optim={"max_steps": SHORT, "warmup_fraction": 0.3, **(optim or {})},
+                        run={"checkpoint_every": checkpoint_every, "keep_checkpoints": 5, **run})
+    train(load_config(path))
+    rows = per_step(root / name)
+    shutil.rmtree(root / name / "student")
+    return path, root / name, rows
+
+
+def assert_rows_equal(expected, got, steps, rel=0.0):
+    for step in steps:
+        assert got[step]["lr"] == expected[step]["lr"], step  # the schedule is the uninterrupted run's
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=rel, abs=1e-6 if not rel else 0), (step, key)
+
+
+def test_resume_changed_split_with_the_same_step_size_gives_the_same_losses(workspace, caplog):
+    """1 process x batch 4 x accumulation 1 resumed as 1 x 2 x 2: the step batch, its masks and the schedule are
+    the same, so the curve is the uninterrupted one (to float rounding: micro-batches sum in another order)."""
+    from distil.config import load_config
+    from distil.training.loop import train
+
+    path, run_dir, straight = short_run(workspace, "split", batch_size=4, checkpoint_every=3, dropout=0.0)
+    with caplog.at_level("INFO"):
+        summary = train(load_config(path, ["data.batch_size=2", "optim.gradient_accumulation=2"]))
+    assert summary["steps"] == SHORT
+    assert any("Resuming from" in r.message and "step-00000003" in r.message for r in caplog.records)
+    assert "Resuming with data.batch_size changed: 4 -> 2" in caplog.text
+    resumed = per_step(run_dir)
+    assert sorted(resumed) == list(range(1, SHORT + 1))
+    assert_rows_equal(straight, resumed, range(4, SHORT + 1), rel=1e-5)
+
+
+def test_resume_changed_step_size_is_refused_naming_what_changed_and_how_to_keep_it(workspace):
+    from distil.config import load_config
+    from distil.errors import DistilError
+    from distil.training.loop import train
+
+    path, run_dir, _ = short_run(workspace, "step-size", batch_size=4)
+    for overrides, changed, advice in [
+        (["data.batch_size=2"], "data.batch_size: 4 -> 2", "optim.gradient_accumulation=2"),
+        (["optim.gradient_accumulation=3"], "optim.gradient_accumulation: 1 -> 3", "optim.gradient_accumulation=1"),
+        (["data.batch_size=3"], "data.batch_size: 4 -> 3", "data.batch_size=2 and optim.gradient_accumulation=2"),
+    ]:
+        with pytest.raises(DistilError, match="another recipe") as caught:
+            train(load_config(path, overrides))
+        message = str(caught.value)
+        assert changed in message and advice in message and "instead of the 4" in message, message
+    assert not (run_dir / "student").exists()
+
+
+@pytest.mark.parametrize("optim,override,named", [
+    ({}, "optim.max_steps=9", "optim.max_steps=9"),
+    ({"max_steps": None, "epochs": 0.12}, "optim.epochs=0.2", "optim.epochs=0.2"),
+], ids=["max_steps", "epochs"])
+def test_resume_changed_total_steps_is_refused_naming_old_and_new_totals(workspace, optim, override, named):
+    """The schedule falls to 0 at the run's last step; a new total would move the learning rate mid-run."""
+    import json
+
+    from distil.config import load_config
+    from distil.errors import DistilError
+    from distil.training.loop import train
+
+    name = "total-" + override.split("=")[0].split(".")[1]
+    path, run_dir, _ = short_run(workspace, name, optim=optim)
+    with pytest.raises(DistilError, match=f"a run of {SHORT} optimizer steps") as caught:
+        train(load_config(path, [override]))
+    message = str(caught.value)
+    state = json.loads((ckpt.find_resumable(run_dir) / ckpt.STATE).read_text())
+    # 358 training sequences in steps of 8: 44 steps an epoch; 0.12 epochs is ceil(5.28) = 6 steps.
+    assert state["schedule"] == {"kind": "linear_warmup_decay", "total_steps": SHORT, "warmup_steps": 1}
+    assert named in message and "makes it 9 steps" in message and f"Resume with optim.max_steps={SHORT}" in message
+    assert f"student.path={run_dir / 'student'}" in message
+    restated = train(load_config(path, [f"optim.max_steps={SHORT}"]))  # the same total, said another way: allowed
+    assert restated["steps"] == SHORT
+
+
+def test_resume_changed_process_count_is_refused_or_resumes_exactly_with_the_same_step(workspace):
+    """A 1-process checkpoint (batch 4) resumed on 2 processes: with batch 4 each the step would double and is
+    refused; with batch 2 each the step stays 4 sequences and the curve is the uninterrupted one."""
+    from train_fixtures import launch
+
+    path, run_dir, straight = short_run(workspace, "processes", batch_size=4, dropout=0.0)
+    for later in ("step-00000004",):  # resume from step 2: four steps on 2 processes
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints" / later)
+    refused = launch([path], processes=2)
+    assert refused.returncode != 0
+    assert "processes: 1 -> 2" in refused.stderr and "data.batch_size=2" in refused.stderr, refused.stderr[-3000:]
+    resumed = launch([path, "data.batch_size=2"], processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr and "instead of 1; each optimizer step still holds 4" in resumed.stderr
+    rows = per_step(run_dir)
+    assert sorted(rows) == list(range(1, SHORT + 1))
+    assert_rows_equal(straight, rows, range(3, SHORT + 1), rel=1e-5)
+
+
+def test_disk_full_leftover_beside_a_complete_checkpoint_is_ignored_and_removed(workspace, caplog):
+    """A write that never finished (disk full, killed) leaves checkpoints/.tmp-step-N: the rerun resumes from the
+    last complete checkpoint, says what it ignores, and removes the leftover."""
+    from distil.config import load_config
+    from distil.training.loop import train
+
+    path, run_dir, straight = short_run(workspace, "leftover")
+    leftover = run_dir / "checkpoints" / ".tmp-step-00000006"
+    leftover.mkdir()
+    (leftover / ckpt.WEIGHTS).write_bytes(b"\0" * 100)  # cut short
+    with caplog.at_level("INFO"):
+        summary = train(load_config(path))
+    assert summary["steps"] == SHORT
+    assert any("Resuming from" in r.message and "step-00000004" in r.message for r in caplog.records)
+    assert "Ignoring" in caplog.text and ".tmp-step-00000006" in caplog.text
+    assert not leftover.exists()
+    assert_rows_equal(straight, per_step(run_dir), range(1, SHORT + 1))
+
+
+def test_disk_full_before_the_first_checkpoint_completed_starts_again(workspace, caplog):
+    """Only a leftover (the first checkpoint never completed): still distil's own run, which starts over. Dropout
+    off: a start that reuses the student-init draws its dropout from another point of the seeded stream than the
+    start that built it."""
+    import shutil
+
+    from distil.config import load_config
+    from distil.training.loop import train
+
+    path, run_dir, straight = short_run(workspace, "first-leftover", dropout=0.0)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step-00000002").rename(checkpoints / ".tmp-step-00000002")
+    (checkpoints / ".tmp-step-00000002" / ckpt.STATE).unlink()  # the write stopped before its state
+    shutil.rmtree(checkpoints / "step-00000004")
+    (checkpoints / "latest").unlink()
+    with caplog.at_level("INFO"):
+        summary = train(load_config(path))
+    assert summary["steps"] == SHORT and "Resuming from" not in caplog.text
+    assert ".tmp-step-00000002" in caplog.text and not (checkpoints / ".tmp-step-00000002").exists()
+    assert_rows_equal(straight, per_step(run_dir), range(1, SHORT + 1))

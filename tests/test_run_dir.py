@@ -46,12 +46,13 @@ def test_resume_changed_recipe_is_refused_naming_each_key(workspace, overrides, 
 def test_resume_changed_step_count_and_intervals_are_allowed_and_logged(workspace, caplog):
     recipe, run_dir = unfinished_run(workspace, "allowed")
     with caplog.at_level("INFO"):
-        summary = train(load_config(recipe, ["optim.max_steps=6", "run.log_every=2"]))
-    assert summary["steps"] == 6
+        # optim.epochs does not count while optim.max_steps is set: the total stays 4 (a new total is refused).
+        summary = train(load_config(recipe, ["optim.epochs=5", "run.log_every=2"]))
+    assert summary["steps"] == 4
     logged = [r.message for r in caplog.records if r.message.startswith("Resuming with")]
-    assert logged == ["Resuming with optim.max_steps changed: 4 -> 6", "Resuming with run.log_every changed: 1 -> 2"]
+    assert logged == ["Resuming with optim.epochs changed: 3.0 -> 5.0", "Resuming with run.log_every changed: 1 -> 2"]
     recorded = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert recorded["optim"]["max_steps"] == 6 and recorded["run"]["log_every"] == 2
+    assert recorded["optim"]["epochs"] == 5 and recorded["run"]["log_every"] == 2
 
 
 def test_failed_start_leaves_no_run_directory(workspace):

@@ -124,9 +124,17 @@ class GlobalBatchSampler:
             self.set_epoch(self.state.epoch + 1)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch, "seed": self.seed}
+        return {"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch, "seed": self.seed,
+                "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position. A position counts batches, and the order of an epoch's sequences
+        depends on the batch size (length-grouping windows, batch shuffling): it only means the same place for the
+        same global batch size, so another size is refused (a resume checks this earlier, with advice)."""
+        recorded = state.get("global_batch_size", self.global_batch_size)  # older checkpoints: not recorded
+        if int(recorded) != self.global_batch_size:
+            raise ValueError(f"a sampler position in batches of {recorded} sequences cannot continue with batches "
+                             f"of {self.global_batch_size}")
         self.state = SamplerState(epoch=int(state["epoch"]), batch_in_epoch=int(state["batch_in_epoch"]))
 
 

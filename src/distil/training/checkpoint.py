@@ -7,14 +7,18 @@ Layout of <run>/checkpoints/step-00000100/:
   sharded/                 the trained module and optimizer state, one shard per process (FSDP), written with
                            torch.distributed.checkpoint: read back by any number of processes (resharded)
   rng-rank<R>.safetensors  each process's torch CPU/CUDA generator states
-  state.json               step, sampler position, scheduler, scaler, python/numpy generator states, file sizes
+  state.json               step, sampler position, scheduler and its shape, scaler, python/numpy generator states,
+                           and the size and sha256 of every other file
 A checkpoint directory only appears under its final name once complete (temp name + rename), and
-`latest` names the newest one. A checkpoint whose files do not match the sizes recorded in
-state.json (a truncated copy, a full disk) is skipped with a warning in favour of the previous one.
+`latest` names the newest one. A checkpoint whose files do not match the sizes and checksums recorded in
+state.json (a truncated copy, a full disk, bytes changed in place) is skipped with a warning naming the file, in
+favour of the previous one. A temporary `.tmp-step-*` left by a write that never finished (a full disk, a kill)
+is distil's own leftover: ignored when choosing where to resume, and removed once the run has started again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +40,8 @@ WEIGHTS = "student.safetensors"
 OPTIMIZER = "optimizer.pt"
 SHARDED = "sharded"
 LATEST = "latest"
+TEMPORARY_PREFIX = ".tmp-"
+CHUNK_BYTES = 1 << 22  # read 4 MiB at a time when checksumming: memory stays flat in file size
 
 
 def rng_file(rank: int) -> str:
@@ -77,7 +83,7 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, r
     """Write a checkpoint from every process (each saves its own generators, and under FSDP its shards of
     `sharded_module` and the optimizer) and publish it atomically."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = final.with_name(f"{TEMPORARY_PREFIX}{final.name}")
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -98,9 +104,11 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, r
             save_model(student, str(tmp / WEIGHTS))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         keep_umask(tmp)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json_atomic(tmp / STATE, {**state, "step": step, "files": files, "sharded": sharded_module is not None})
-        _fsync_dir(tmp)
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
+        checksums = {str(p.relative_to(tmp)): _sha256(p, sync=True) for p in written}
+        write_json_atomic(tmp / STATE, {**state, "step": step, "files": files, "sha256": checksums,
+                                        "sharded": sharded_module is not None})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -110,11 +118,37 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, r
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+def _sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256, read in chunks; with `sync`, the file is also flushed to disk (one pass for both)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+        if sync:
+            os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temporary checkpoint directories of writes that never finished (a full disk, a kill mid-write)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(f"{TEMPORARY_PREFIX}step-"))
+
+
+def holds_only_leftovers(root: Path) -> bool:
+    """Whether a run's checkpoints/ holds nothing but unfinished writes (the first checkpoint never completed)."""
+    found = leftovers(root)
+    for stale in found:
+        log.info("Ignoring %s: a checkpoint write that never finished.", stale)
+    return root.is_dir() and len(found) == len(list(root.iterdir()))
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what unfinished checkpoint writes left behind; called once a (re)started run has passed its checks."""
+    for stale in leftovers(run_dir / "checkpoints"):
+        log.info("Removing %s, left by a checkpoint write that never finished.", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -123,33 +157,70 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_complete(path: Path) -> bool:
-    """All files recorded in state.json are there with their recorded sizes, and the weights parse."""
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory (a missing, cut or changed file, unreadable weights), or None
+    when every file recorded in state.json is there with its recorded size and sha256.
+
+    Checkpoints written before checksums were recorded are checked by sizes and the weights' header only."""
     try:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
-        for name, size in state["files"].items():
-            if (path / name).stat().st_size != size:
-                return False
-        if state.get("sharded"):
-            return (path / SHARDED / ".metadata").is_file()
+        files, checksums = state["files"], state.get("sha256")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {STATE} cannot be read ({exc})"
+    for name, size in files.items():
+        try:
+            actual = (path / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} holds {actual:,} bytes, not the {size:,} written"
+    if checksums is None:
+        log.info("Checkpoint %s was written by an older distil without checksums: checked by file sizes only.", path)
+    else:
+        for name, expected in checksums.items():
+            if _sha256(path / name) != expected:
+                return f"{name} does not match the checksum recorded when it was written (its bytes changed since)"
+    if state.get("sharded"):
+        return None if (path / SHARDED / ".metadata").is_file() else f"{SHARDED}/.metadata is missing"
+    try:
         with open(path / WEIGHTS, "rb") as fh:
             header = int.from_bytes(fh.read(8), "little")
             json.loads(fh.read(header))
-        return True
-    except (OSError, ValueError, KeyError):
-        return False
+    except (OSError, ValueError) as exc:
+        return f"{WEIGHTS} cannot be read ({exc})"
+    return None
 
 
 def find_resumable(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run; damaged newer ones are reported and skipped."""
+    """The newest intact checkpoint of a run; damaged newer ones are reported, naming what is wrong, and skipped."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
+    for stale in leftovers(root):
+        log.info("Ignoring %s: a checkpoint write that never finished.", stale)
     for candidate in sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True):
-        if is_complete(candidate):
+        problem = damage(candidate)
+        if problem is None:
             return candidate
-        log.warning("Checkpoint %s is incomplete or damaged; falling back to the one before it.", candidate)
+        log.warning("Checkpoint %s is damaged: %s. Falling back to the one before it.", candidate, problem)
     return None
+
+
+def verified(path: Path) -> Path:
+    """`path` if it is an intact checkpoint; a checkpoint named by the user is never silently replaced."""
+    problem = damage(path)
+    if problem is not None:
+        raise DistilError(
+            f"The checkpoint {path} (run.resume) cannot be used: {problem}. Nothing was changed. Name another "
+            "checkpoint with run.resume=PATH, use run.resume=auto to take the newest intact one of the run, or start "
+            "over with run.overwrite=true."
+        )
+    return path
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json: step, sampler position, schedule and the process count that wrote it."""
+    return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
 def load_checkpoint(path: Path, student, trained, optimizer, rank: int, sharded: bool) -> dict:
@@ -157,7 +228,7 @@ def load_checkpoint(path: Path, student, trained, optimizer, rank: int, sharded:
 
     A sharded (FSDP) checkpoint is read by any number of processes, sharded or not: torch.distributed.checkpoint
     reshards it. A full checkpoint (DDP, one process) is refused by a sharded run."""
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    state = read_state(path)
     if state.get("sharded"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -33,11 +33,12 @@ from distil.teacher_cache.training import objective_for, stored_masks_of
 from distil.training.objective import build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
-from distil.training.recipe_changes import check_resume_recipe
+from distil.training.recipe_changes import check_resume_recipe, check_resume_schedule
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
                                    discarded_on_error, freeze_embeddings, fused_projections,
-                                   layer_pairs, load_models, make_accelerator, seed_everything, student_source)
+                                   layer_pairs, load_models, make_accelerator, schedule_shape, seed_everything,
+                                   student_source)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ def train(config: TrainConfig) -> dict:
     run_dir = Path(config.run.output_dir)
     check_writable(run_dir)
     resume_from = prepare_run_dir(run_dir, config, is_main)
-    if resume_from is not None:
-        check_resume_recipe(run_dir, config)
+    resumed_state = ckpt.read_state(resume_from) if resume_from is not None else None
+    if resumed_state is not None:
+        check_resume_recipe(run_dir, config, resumed_state, world)
     seed_everything(config.run.seed)
 
     # Every start-up check runs before the run directory is created or changed.
@@ -98,6 +100,9 @@ def train(config: TrainConfig) -> dict:
     sampler = GlobalBatchSampler(train_data.lengths, global_batch * accum, seed=config.run.seed,
                                  group_by_length=config.data.group_by_length)
     total_steps = config.optim.max_steps or max(1, math.ceil(config.optim.epochs * sampler.batches_per_epoch()))
+    schedule = schedule_shape(total_steps, config.optim.warmup_fraction)
+    if resumed_state is not None:
+        check_resume_schedule(resume_from, resumed_state, schedule, config)
 
     student_dir, student_init = student_source(config, run_dir, is_main, acc.wait_for_everyone)
     with discarded_on_error(student_init if is_main else None):
@@ -157,7 +162,7 @@ def train(config: TrainConfig) -> dict:
         state = {"tokens_seen": tokens_seen, "elapsed_s": time.perf_counter() - run_start,
                  "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "total_steps": total_steps, "world_size": world}
+                 "total_steps": total_steps, "schedule": schedule, "world_size": world}
         ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
                              acc.wait_for_everyone, config.run.keep_checkpoints,
                              sharded_module=trained if parallel.sharded else None)

@@ -35,7 +35,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, is_main: bool) -> Path |
             check_output_dir(run_dir, overwrite=True, flag="run.overwrite=true")
         return None
     if config.run.resume not in ("auto", "never"):
-        return Path(config.run.resume)
+        return ckpt.verified(Path(config.run.resume))
     if finished:
         raise DistilError(
             f"{run_dir} already holds a finished run (its student is in {run_dir / FINAL_STUDENT}). Nothing was changed. "
@@ -49,9 +49,15 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, is_main: bool) -> Path |
             )
         found = ckpt.find_resumable(run_dir)
         if found is None:
-            raise DistilError(f"{run_dir} holds checkpoints but none is complete. Start over with run.overwrite=true.")
+            raise DistilError(
+                f"{run_dir} holds checkpoints but none is intact (each was reported above with what is wrong). Nothing "
+                "was changed. Restore the checkpoints from a copy, or start over with run.overwrite=true."
+            )
         return found
+    # A run stopped before its first checkpoint was complete (a full disk, a kill) may leave checkpoints/ with
+    # only the unfinished write: still distil's own, and the run starts again.
     if run_dir.exists() and any(p.name not in ("student-init", "tensorboard", "metrics.jsonl", "recipe.yaml")
+                                and not (p.name == "checkpoints" and ckpt.holds_only_leftovers(p))
                                 for p in run_dir.iterdir()):
         raise DistilError(
             f"{run_dir} exists and holds files that are not a distil run. Choose another run.output_dir "
@@ -69,6 +75,7 @@ def start_run_dir(run_dir: Path, config: TrainConfig, student_init: Path | None)
     if config.run.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_leftovers(run_dir)
     keep_student_init(student_init, run_dir)
     dump_config(config, run_dir / "recipe.yaml")
 

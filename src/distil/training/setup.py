@@ -382,9 +382,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
 
 
+def schedule_shape(total_steps: int, warmup_fraction: float) -> dict:
+    """The learning-rate schedule as checkpoints record it: the scheduler's own state holds only its step, so a
+    resume compares this to be sure it rebuilt the same schedule."""
+    return {"kind": "linear_warmup_decay", "total_steps": total_steps, "warmup_steps": int(total_steps * warmup_fraction)}
+
+
 def build_scheduler(optimizer, total_steps: int, warmup_fraction: float):
     """Linear warm-up from 0 to the peak over warmup_fraction of the steps, then linear decay to 0."""
-    warmup = int(total_steps * warmup_fraction)
+    warmup = schedule_shape(total_steps, warmup_fraction)["warmup_steps"]
 
     def factor(step: int) -> float:
         if step < warmup:
