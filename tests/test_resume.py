@@ -295,3 +295,21 @@ def test_disk_full_before_the_first_checkpoint_completed_starts_again(workspace,
     assert summary["steps"] == SHORT and "Resuming from" not in caplog.text
     assert ".tmp-step-00000002" in caplog.text and not (checkpoints / ".tmp-step-00000002").exists()
     assert_rows_equal(straight, per_step(run_dir), range(1, SHORT + 1))
+
+
+def test_resume_changed_process_count_of_a_checkpoint_without_its_step_size(tmp_path):
+    """Checkpoints of older versions do not record their step's size: only an unchanged split is accepted."""
+    from distil.config import TrainConfig
+    from distil.errors import DistilError
+    from distil.training.recipe_changes import check_resume_recipe
+
+    config = TrainConfig()
+    config.data.batch_size, config.optim.gradient_accumulation = 3, 1
+    older = {"sampler": {"epoch": 0, "batch_in_epoch": 5}, "world_size": 1}
+    check_resume_recipe(tmp_path, config, older, world=1)
+    with pytest.raises(DistilError, match="older distil") as caught:
+        check_resume_recipe(tmp_path, config, older, world=2)
+    assert "processes: 1 -> 2" in str(caught.value)
+    # Recorded: a step of 3 sequences cannot be shared by 2 processes.
+    with pytest.raises(DistilError, match="cannot be shared by 2 processes"):
+        check_resume_recipe(tmp_path, config, {**older, "sampler": {"global_batch_size": 3}}, world=2)

@@ -136,12 +136,16 @@ def leftovers(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(f"{TEMPORARY_PREFIX}step-"))
 
 
-def holds_only_leftovers(root: Path) -> bool:
-    """Whether a run's checkpoints/ holds nothing but unfinished writes (the first checkpoint never completed)."""
+def _ignored_leftovers(root: Path) -> list[Path]:
     found = leftovers(root)
     for stale in found:
         log.info("Ignoring %s: a checkpoint write that never finished.", stale)
-    return root.is_dir() and len(found) == len(list(root.iterdir()))
+    return found
+
+
+def holds_only_leftovers(root: Path) -> bool:
+    """Whether a run's checkpoints/ holds nothing but unfinished writes (the first checkpoint never completed)."""
+    return root.is_dir() and len(_ignored_leftovers(root)) == len(list(root.iterdir()))
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -196,8 +200,7 @@ def find_resumable(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
-    for stale in leftovers(root):
-        log.info("Ignoring %s: a checkpoint write that never finished.", stale)
+    _ignored_leftovers(root)
     for candidate in sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True):
         problem = damage(candidate)
         if problem is None:
