@@ -8,6 +8,11 @@ even then. distil's outputs carry a small marker file (MARKER, written into the 
 rename); outputs of older versions are recognised by the files each command has always written (LEGACY_MARKERS, a
 run directory's layout, a demo tree). Temporary and half-replaced directories left by a process that was killed
 (`.NAME.tmp-PID`, `.NAME.old-PID`) are removed by the next run that writes NAME.
+
+One writer at a time: a command holds `.NAME.lock` beside its output NAME for as long as it writes it (output_lock),
+and a second command for the same output is refused. The target is checked again just before the final rename:
+whatever appeared there meanwhile is never deleted; the new result is then kept beside it under its own name.
+A full disk is reported as such, with the space needed (disk_space_errors), instead of the writer's raw error.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
 from distil import __version__
+from distil.disk_space import bytes_under, disk_space_errors, human_size  # noqa: F401 (human_size: imported from here too)
 from distil.errors import DistilError
 
 log = logging.getLogger(__name__)
@@ -40,8 +48,9 @@ DEMO_DIRS = frozenset({"data", "run", "report"})
 DEMO_FILES = frozenset({"evaluation.json"})
 SHOWN_NAMES = 5
 
-# `.NAME.tmp-PID`, `.NAME.old-PID`, `.NAME.tmp` (and `..NAME.tmp.tmp-PID`, a temporary of a temporary)
-_LEFTOVER = re.compile(r"\.+(?P<name>.+?)\.(?:tmp|old)(?:-\d+)?")
+# `.NAME.tmp-PID`, `.NAME.old-PID`, `.NAME.tmp` (and `..NAME.tmp.tmp-PID`, a temporary of a temporary), and
+# `.NAME.lock`, the lock of a command writing NAME
+_LEFTOVER = re.compile(r"\.+(?P<name>.+?)\.(?:(?:tmp|old)(?:-\d+)?|lock)")
 
 
 def write_marker(directory: str | Path, command: str | None) -> None:
@@ -185,7 +194,7 @@ def remove_stale_leftovers(path: str | Path) -> int:
         found = pattern.fullmatch(entry.name)
         if not found or int(found.group(1)) == os.getpid() or _process_running(int(found.group(1))):
             continue
-        size = _bytes_under(entry)
+        size = bytes_under(entry)
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -213,49 +222,84 @@ def _process_running(pid: int) -> bool:
     return True
 
 
-def _bytes_under(path: Path) -> int:
-    if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
-def human_size(size: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False, command: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` (marked as distil `command`'s output) only if the block
-    completes.
+    completes, holding the lock on `path` throughout.
 
     On success the previous content of `path` (allowed only with overwrite, and only when it is distil's) is
-    replaced in one rename; on any exception the temporary directory is removed and `path` is untouched.
+    replaced in one rename; on any exception the temporary directory is removed and `path` is untouched. If the
+    target changed while the block ran so that it may no longer be replaced, nothing there is touched and the new
+    result is kept under a name of its own (the DistilError names it).
     """
-    final = check_output_dir(path, overwrite)
-    check_writable(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        write_marker(tmp, command)
-        keep_umask(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
+    with output_lock(path, command):
+        final = check_output_dir(path, overwrite)  # again, now that no other distil process can write it
+        before = _snapshot(final)
+        check_writable(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_leftovers(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+            with disk_space_errors(tmp):
+                write_marker(tmp, command)
+            keep_umask(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        changed = _changed_target(final, overwrite, before)
+        if changed is None:
+            try:
+                replace_dir(tmp, final)
+                return
+            except OSError as exc:  # something took the name between the check and the rename
+                changed = f"{final} appeared while it was being replaced ({exc.strerror or exc})"
+        kept = _keep_result(tmp, final)
+        raise DistilError(
+            f"The output {final} changed while distil {command or ''} was writing it: {changed}. Nothing there was "
+            f"touched; the new result is kept in {kept}. Move it where you want it (or remove it)."
+        )
+
+
+def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time) of every file under directory `path`, by relative name."""
+    if not path.is_dir():
+        return {}
+    found = {}
+    for entry in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            info = entry.lstat()
+            found[entry.relative_to(path).as_posix()] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def _changed_target(final: Path, overwrite: bool, before: dict) -> str | None:
+    """Why `final` may not be replaced now (something appeared or changed there during the run), or None."""
+    if final.exists() and not final.is_dir():
+        return "a file now stands there"
+    if not final.is_dir() or not _has_content(final):
+        return None
+    foreign = foreign_entries(final)
+    if foreign:
+        return f"it now holds files distil did not write ({_shown(foreign)})"
+    now = _snapshot(final)
+    changed = sorted(name for name, seen in now.items() if before.get(name) != seen)
+    if changed:
+        return f"files appeared or changed in it while this command ran ({_shown(changed)})"
+    if not overwrite:
+        return "it now holds a finished result, and --overwrite was not given"
+    return None
+
+
+def _keep_result(tmp: Path, final: Path) -> Path:
+    """Give a finished result that could not take its place a visible name beside it (temporary names are
+    removed as leftovers once this process has gone)."""
+    kept = final.parent / f"{final.name}.new-{os.getpid()}"
+    os.replace(tmp, kept)
+    return kept
 
 
 def check_writable(path: str | Path) -> None:
@@ -285,14 +329,24 @@ def keep_umask(directory: Path) -> None:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing `dst` as close to atomically as a filesystem allows."""
+    """Move directory `src` to `dst`, replacing `dst` as close to atomically as a filesystem allows. The previous
+    `dst` is deleted only if everything in it is distil's; otherwise it is kept beside, under a name of its own."""
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         if old.exists():  # left by an earlier replace in this process whose clean-up failed
             shutil.rmtree(old)
         os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(src, dst)
+        except OSError:
+            os.replace(old, dst)
+            raise
+        if _has_content(old) and foreign_entries(old):  # written there in the instant since the last check
+            kept = dst.parent / f"{dst.name}.replaced-{os.getpid()}"
+            os.replace(old, kept)
+            log.warning("%s held files distil did not write when it was replaced; they are kept in %s", dst, kept)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
 
@@ -307,3 +361,112 @@ def write_json_atomic(path: str | Path, obj) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+# --- one writer per output ---------------------------------------------------------------------------------------
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock file alone (created exclusively) excludes a second writer
+    fcntl = None
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of output `path`: `.NAME.lock` beside it."""
+    absolute = Path(os.path.abspath(path))
+    return absolute.parent / f".{absolute.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, command: str | None, take: bool = True) -> Iterator[None]:
+    """Hold the lock on output `path` for the block: a second distil command writing `path` is refused meanwhile.
+
+    The lock file records {pid, host, command, started}. The holder keeps an advisory lock (flock) on it, which the
+    kernel drops when the holder dies, so a lock file left by a killed process is taken over (and said in the log).
+    `take=False` (the other processes of a distributed run: their main process holds the lock) holds nothing."""
+    if not take:
+        yield
+        return
+    check_writable(path)
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(lock, Path(path), command)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if _same_file(fd, lock):
+                os.unlink(lock)
+        os.close(fd)  # drops the flock only now, after the file is gone
+
+
+def _acquire(lock: Path, path: Path, command: str | None) -> int:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    for _ in range(100):  # each retry follows a holder that just released the lock
+        if fcntl is None:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise DistilError(_held_message(path, lock, _read_lock(lock))) from None
+        else:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise DistilError(_held_message(path, lock, _read_lock(lock))) from None
+            if not _same_file(fd, lock):  # the holder removed it between our open and flock: take the next one
+                os.close(fd)
+                continue
+        previous = _read_lock(lock)
+        if previous.get("pid") is not None and previous.get("host") != record["host"]:
+            # A lock of another machine on a shared filesystem whose locks may not reach across machines.
+            os.close(fd)
+            raise DistilError(_held_message(path, lock, previous, other_host=True))
+        pid = previous.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _process_running(pid):
+            # Its process still runs, yet holds no flock: a writer that does not take one (say on a filesystem
+            # without locks), or a new process that got the PID of a dead holder. In doubt, refuse.
+            os.close(fd)
+            raise DistilError(_held_message(path, lock, previous, pid_running=True))
+        if previous:
+            log.warning("took over the lock %s of %s (process %s, started %s), which no longer runs", lock,
+                        _who(previous), previous.get("pid"), previous.get("started"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return fd
+    raise DistilError(f"Could not take the lock {lock}: other processes keep taking and releasing it. "
+                      "Wait until they have finished, then run again.")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        record = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _who(record: dict) -> str:
+    return f"distil {record['command']}" if record.get("command") else "distil"
+
+
+def _held_message(path: Path, lock: Path, record: dict, other_host: bool = False, pid_running: bool = False) -> str:
+    holder = (f"{_who(record)} (process {record.get('pid', '?')} on {record.get('host', '?')}, started "
+              f"{record.get('started', '?')})" if record else "another distil process")
+    if other_host:
+        return (f"{path} is locked by {holder}: its lock {lock} comes from another machine, where distil cannot "
+                "tell whether that process still runs. Nothing was changed. Wait for it to finish or choose another "
+                f"output; if it no longer runs, delete {lock} and run again.")
+    unsure = (f" If process {record.get('pid')} is not a distil command, delete {lock} and run again."
+              if pid_running else "")
+    return (f"{path} is being written by {holder}; its lock is {lock}. Nothing was changed. Wait for that command to "
+            f"finish (or stop it), or choose another output.{unsure}")

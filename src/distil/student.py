@@ -18,6 +18,7 @@ from pathlib import Path
 
 from distil.errors import DistilError
 from distil.loading import load_config, load_model, load_tokenizer
+from distil.disk_space import disk_space_errors, tensor_bytes
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ def init_student(
     }
     if pruning_record is not None:
         meta["width_pruning"] = pruning_record
-    with atomic_output_dir(output_dir, overwrite, command="init-student") as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="init-student") as tmp, \
+            disk_space_errors(tmp, lambda: tensor_bytes(student.state_dict()), partial=tmp):
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -25,6 +25,7 @@ from distil.data import shards
 from distil.data.sources import plan_sources, source_summary
 from distil.data.textfiles import ReadStats
 from distil.errors import DistilError
+from distil.disk_space import directory_bytes, disk_space_errors
 from distil.outputs import atomic_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,14 @@ def _apply_thread_count(threads: int | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
+def _expected_output_bytes(tmp: Path, plan, stats: ReadStats) -> int | None:
+    """The size of the whole output, extrapolated from what was written for the share of the input read so far."""
+    total, done = plan.progress_total, plan.position(stats)
+    if not total or not done:
+        return None
+    return int(directory_bytes(tmp) * total / min(done, total))
+
+
 def prepare(
     inputs: list[str] | None = None,
     tokenizer: str | None = None,
@@ -285,7 +294,8 @@ def prepare(
     def encode(batch: list[str]) -> list[list[int]]:
         return [enc.ids for enc in encoder.encode_batch(batch, add_special_tokens=False)]
 
-    with atomic_output_dir(output_dir, overwrite, command="prepare") as tmp:
+    with atomic_output_dir(output_dir, overwrite, command="prepare") as tmp, \
+            disk_space_errors(tmp, lambda: _expected_output_bytes(tmp, plan, read_stats), partial=tmp):
         writers = {
             "train": SplitWriter(tmp, "train", dtype, vocab_size, count_tokens=True),
             "heldout": SplitWriter(tmp, "heldout", dtype, vocab_size, count_tokens=False),

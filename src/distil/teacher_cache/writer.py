@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from distil.data.dataset import TokenSequences, pad_batch, pad_id_of
 from distil.data.masking import IGNORE_INDEX
 from distil.errors import DistilError
-from distil.outputs import check_output_dir, check_writable, human_size, remove_stale_leftovers, write_json_atomic, \
-    write_marker
+from distil.disk_space import directory_bytes, disk_space_errors, reserve_space
+from distil.outputs import check_output_dir, check_writable, human_size, output_lock, remove_stale_leftovers, \
+    write_json_atomic, write_marker
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.signals import SEED_STRIDE, sequence_generator, sparse_signals
 
@@ -226,6 +227,8 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
         shapes.update(mlm_input=((rows,), id_dtype), mlm_target=((rows,), np.uint8))
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
               for name, (shape, dtype) in shapes.items()}
+    for name in shapes:  # on a full disk, a write through a memory map kills the process (SIGBUS): fail here instead
+        reserve_space(tmp / f"{name}.npy")
     vocab = plan["vocab_size"]
     order = sorted(range(first, stop), key=lambda i: (-int(data.lengths[i]), i))  # similar lengths batched
     for start in range(0, len(order), batch_size):
@@ -260,6 +263,12 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
     del arrays
     np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
     os.replace(tmp, final)
+
+
+def _store_bytes(root: Path, n_shards: int) -> int | None:
+    """The size of the finished store, extrapolated from its finished shards (None before the first)."""
+    finished = [p for p in root.glob("shard-*") if p.is_dir()]
+    return int(sum(directory_bytes(p) for p in finished) * n_shards / len(finished)) if finished else None
 
 
 def _shard_bytes(path: Path) -> tuple[int, int]:
@@ -352,46 +361,49 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
         "shard_size": shard_size, "masking": masking,
     }
     root = Path(output)
-    if rank == 0:
-        resumed = _prepare_output(root, plan, overwrite)
-        if not resumed:
-            _copy_teacher_files(teacher, model, tokenizer, root / fmt.TEACHER_DIR)
-            write_json_atomic(root / fmt.PLAN, plan)
-    barrier()
-    if rank != 0:
-        existing = fmt.read_json(root / fmt.PLAN)
-        if existing is None or _same_plan(existing, plan):
-            raise DistilError(f"Process {rank} finds no plan for these settings in {root}: start every process with "
-                              "the same command (process 0 writes the plan).")
-    n_shards = -(-len(sequences) // shard_size)
-    mine = [i for i in range(rank, n_shards, world) if not (root / fmt.shard_name(i)).is_dir()]
-    done = len(range(rank, n_shards, world)) - len(mine)
-    if done:
-        log.info("%s: %d of this process's shards are finished already and kept", root, done)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    pad_id = pad_id_of(manifest)
-    todo = sum(min(len(sequences), (i + 1) * shard_size) - i * shard_size for i in mine)
-    started = time.perf_counter()
-    with tqdm(total=todo, unit="seq", desc="cache-teacher", disable=not (progress and rank == 0),
-              dynamic_ncols=True) as bar:
-        for index in mine:
-            _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar, masker)
-    elapsed = time.perf_counter() - started
-    barrier()
-    if rank == 0 or not distributed:
-        result = _finish(root, plan, n_shards)
-    else:
-        result = None
-    barrier()
-    if result is None and distributed:  # process 0 wrote the manifest
-        result = fmt.read_json(root / fmt.MANIFEST)
-    if result is None:
-        log.info("%s: this process's %d shards are written; the store is finished when every process's are",
-                 root, len(mine))
-        return {**plan, "finished": False}
-    log.info("teacher-signal store %s: %d sequences, %d positions, %s (%.1f bytes per token; %.1f without hidden "
-             "states), k=%d, k'=%d, T=%g, in %.1f s", root, len(sequences), plan["data"]["positions"],
-             human_size(result["bytes"]), result["bytes_per_token"], result["signal_bytes_per_token"], top_k, sampled,
-             temperature, elapsed)
-    return {**result, "finished": True}
+    with output_lock(root, "cache-teacher", take=rank == 0):  # the other processes write shards beside it
+        if rank == 0:
+            resumed = _prepare_output(root, plan, overwrite)
+            if not resumed:
+                _copy_teacher_files(teacher, model, tokenizer, root / fmt.TEACHER_DIR)
+                write_json_atomic(root / fmt.PLAN, plan)
+        barrier()
+        if rank != 0:
+            existing = fmt.read_json(root / fmt.PLAN)
+            if existing is None or _same_plan(existing, plan):
+                raise DistilError(f"Process {rank} finds no plan for these settings in {root}: start every process with "
+                                  "the same command (process 0 writes the plan).")
+        n_shards = -(-len(sequences) // shard_size)
+        mine = [i for i in range(rank, n_shards, world) if not (root / fmt.shard_name(i)).is_dir()]
+        done = len(range(rank, n_shards, world)) - len(mine)
+        if done:
+            log.info("%s: %d of this process's shards are finished already and kept", root, done)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device)
+        pad_id = pad_id_of(manifest)
+        todo = sum(min(len(sequences), (i + 1) * shard_size) - i * shard_size for i in mine)
+        started = time.perf_counter()
+        with tqdm(total=todo, unit="seq", desc="cache-teacher", disable=not (progress and rank == 0),
+                  dynamic_ncols=True) as bar:
+            for index in mine:
+                with disk_space_errors(root, lambda: _store_bytes(root, n_shards),
+                                       partial=root / f".{fmt.shard_name(index)}.tmp-{os.getpid()}"):
+                    _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar, masker)
+        elapsed = time.perf_counter() - started
+        barrier()
+        if rank == 0 or not distributed:
+            result = _finish(root, plan, n_shards)
+        else:
+            result = None
+        barrier()
+        if result is None and distributed:  # process 0 wrote the manifest
+            result = fmt.read_json(root / fmt.MANIFEST)
+        if result is None:
+            log.info("%s: this process's %d shards are written; the store is finished when every process's are",
+                     root, len(mine))
+            return {**plan, "finished": False}
+        log.info("teacher-signal store %s: %d sequences, %d positions, %s (%.1f bytes per token; %.1f without hidden "
+                 "states), k=%d, k'=%d, T=%g, in %.1f s", root, len(sequences), plan["data"]["positions"],
+                 human_size(result["bytes"]), result["bytes_per_token"], result["signal_bytes_per_token"], top_k, sampled,
+                 temperature, elapsed)
+        return {**result, "finished": True}

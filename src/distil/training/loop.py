@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from distil.config import TrainConfig
 from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
+from distil.disk_space import disk_space_errors, tensor_bytes
 from distil.errors import DistilError
 from distil.metrics_log import MetricsLog
-from distil.outputs import check_writable
+from distil.outputs import check_writable, output_lock
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.on_policy import OnPolicy
@@ -78,6 +79,12 @@ def train(config: TrainConfig) -> dict:
     """Run (or resume) a distillation described by `config`; returns a summary of the finished run."""
     config.run.fsdp = fsdp_requested(config)  # `accelerate launch --use_fsdp` says so in the environment
     acc = make_accelerator(config)
+    # The main process holds the run directory's lock for the whole run (a second run there is refused).
+    with output_lock(config.run.output_dir, "train", take=acc.is_main_process):
+        return _train(config, acc)
+
+
+def _train(config: TrainConfig, acc) -> dict:
     rank, world, is_main, device = acc.process_index, acc.num_processes, acc.is_main_process, acc.device
     run_dir = Path(config.run.output_dir)
     check_writable(run_dir)
@@ -163,9 +170,12 @@ def train(config: TrainConfig) -> dict:
                  "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "total_steps": total_steps, "schedule": schedule, "world_size": world}
-        ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
-                             acc.wait_for_everyone, config.run.keep_checkpoints,
-                             sharded_module=trained if parallel.sharded else None)
+        final = ckpt.checkpoint_dir(run_dir, at_step)
+        needed = lambda: tensor_bytes([models.student.state_dict(), raw_optimizer.state_dict()])  # noqa: E731
+        with disk_space_errors(final.parent, needed, partial=final.with_name(ckpt.TEMPORARY_PREFIX + final.name) if is_main else None):
+            ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
+                                 acc.wait_for_everyone, config.run.keep_checkpoints,
+                                 sharded_module=trained if parallel.sharded else None)
 
     def heldout_metrics() -> dict:
         return evaluate_heldout(acc, objective, trained, heldout, eval_batches, masker, pad_id, parallel.sharded)

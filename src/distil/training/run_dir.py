@@ -14,6 +14,7 @@ from pathlib import Path
 from distil.config import TrainConfig
 from distil.errors import DistilError
 from distil.loading import hidden_size_of
+from distil.disk_space import disk_space_errors, tensor_bytes
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
 from distil.sentence_embeddings import write_sentence_transformers
 from distil.training import checkpoint as ckpt
@@ -73,6 +74,7 @@ def start_run_dir(run_dir: Path, config: TrainConfig, student_init: Path | None)
     from distil.training.setup import keep_student_init
 
     if config.run.overwrite and run_dir.exists():
+        check_output_dir(run_dir, overwrite=True, flag="run.overwrite=true")  # again: files may have appeared since
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_leftovers(run_dir)
@@ -88,7 +90,8 @@ def save_student(run_dir: Path, config: TrainConfig, models, student, summary: d
     for key, value in models.original_dropout.items():
         setattr(student.config, key, value)
     with projections.detached(student) as maps, \
-            atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True, command="train") as tmp:
+            atomic_output_dir(run_dir / FINAL_STUDENT, overwrite=True, command="train") as tmp, \
+            disk_space_errors(tmp, lambda: tensor_bytes(student.state_dict()), partial=tmp):
         student.save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
         if models.sentence_pooling is not None:
