@@ -1,8 +1,8 @@
 """Where a run's numbers go: metrics.jsonl for programs, trackers (TensorBoard, W&B, MLflow, ...) for curves, the
 log for people.
 
-Only the main process writes. On resume the lines after the resumed step are dropped, so the file
-reads as one uninterrupted run.
+Only the main process writes. On resume the lines after the resumed step are dropped (all of them when a run
+restarts before its first checkpoint), so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / METRICS
         self.acc = acc
-        if resume_step and enabled:
+        if enabled and self.path.exists():  # a resume, or a restart before the first checkpoint (resume_step 0)
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         for tracker in acc.log_with:

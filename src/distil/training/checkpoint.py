@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from distil.disk_space import disk_space_errors, tensor_bytes
 from distil.errors import DistilError
 from distil.outputs import keep_umask, write_json_atomic
 
@@ -81,9 +82,19 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, student, optimizer, state: dict, rank: int, is_main: bool,
                     barrier, keep: int, sharded_module=None) -> Path:
     """Write a checkpoint from every process (each saves its own generators, and under FSDP its shards of
-    `sharded_module` and the optimizer) and publish it atomically."""
+    `sharded_module` and the optimizer) and publish it atomically. A full disk is said plainly, with about the
+    space needed, and the half-written temporary is removed."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{TEMPORARY_PREFIX}{final.name}")
+    needed = lambda: tensor_bytes([student.state_dict(), optimizer.state_dict()])  # noqa: E731
+    with disk_space_errors(final.parent, needed, partial=tmp if is_main else None):
+        return _write_checkpoint(final, tmp, step, student, optimizer, state, rank, is_main, barrier, keep,
+                                 sharded_module)
+
+
+def _write_checkpoint(final: Path, tmp: Path, step: int, student, optimizer, state: dict, rank: int, is_main: bool,
+                      barrier, keep: int, sharded_module) -> Path:
+    run_dir = final.parent.parent
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from distil.config import TrainConfig
 from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
-from distil.disk_space import disk_space_errors, tensor_bytes
 from distil.errors import DistilError
 from distil.metrics_log import MetricsLog
 from distil.outputs import check_writable, output_lock
@@ -170,12 +169,9 @@ def _train(config: TrainConfig, acc) -> dict:
                  "sampler": sampler.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "total_steps": total_steps, "schedule": schedule, "world_size": world}
-        final = ckpt.checkpoint_dir(run_dir, at_step)
-        needed = lambda: tensor_bytes([models.student.state_dict(), raw_optimizer.state_dict()])  # noqa: E731
-        with disk_space_errors(final.parent, needed, partial=final.with_name(ckpt.TEMPORARY_PREFIX + final.name) if is_main else None):
-            ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
-                                 acc.wait_for_everyone, config.run.keep_checkpoints,
-                                 sharded_module=trained if parallel.sharded else None)
+        ckpt.save_checkpoint(run_dir, at_step, models.student, raw_optimizer, state, rank, is_main,
+                             acc.wait_for_everyone, config.run.keep_checkpoints,
+                             sharded_module=trained if parallel.sharded else None)
 
     def heldout_metrics() -> dict:
         return evaluate_heldout(acc, objective, trained, heldout, eval_batches, masker, pad_id, parallel.sharded)
