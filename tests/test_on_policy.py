@@ -122,6 +122,97 @@ def test_on_policy_sampler_draws_from_the_tempered_nucleus():
     assert abs((drawn == 0).float().mean().item() - (p[0] / p[:3].sum()).item()) < 0.03
 
 
+def drawn_by_hand(student, prompt, seed, max_new_tokens, temperature, top_p, eos_id):
+    """One row sampled the plain way: the whole text through the model at every step (no cache, no generate),
+    scores / T in float64, the top-p nucleus kept, and argmax of log-probability + Gumbel noise from the row's
+    own generator: a draw from softmax(scores / T) within the nucleus, and nothing else."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.from_numpy(prompt.astype(np.int64))[None]
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            scores = student(input_ids=ids).logits[0, -1].double()
+        noise = torch.rand(scores.shape[-1], generator=generator).double()
+        logp = torch.log_softmax(scores / temperature, dim=-1)
+        probs, order = logp.exp().sort(descending=True)
+        before = probs.cumsum(0) - probs
+        logp[order[before >= top_p]] = float("-inf")  # outside the nucleus: the mass before it reaches top_p
+        token = int((logp - torch.log(-torch.log(noise))).argmax())
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        if token == eos_id:
+            break
+    return ids[0].tolist()
+
+
+PROMPTS = [op.prompt_of(s, 5) for s in step_sequences(6, seed=11)]
+
+
+def confident_student():
+    """A tiny Llama with sharper next-token distributions, so that a logits processor visibly moves the draw."""
+    student = tiny_llama(num_layers=2, seed=5)
+    with torch.no_grad():
+        student.get_output_embeddings().weight.mul_(4.0)
+    return student
+
+
+def draw(student, eos_id=EOS, temperature=1.0, top_p=1.0, max_new_tokens=6):
+    return as_lists(op.generate(student, PROMPTS, [op.row_seed(3, 0, i) for i in range(len(PROMPTS))],
+                                max_new_tokens, temperature, top_p, PAD, eos_id, VOCAB_SIZE, CPU))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.7, 0.85)])
+def test_generation_config_neutral_draw_is_the_tempered_softmax(temperature, top_p):
+    """generate() (KV-cached, batched, left-padded) writes exactly the rows of the plain sampling loop."""
+    student = confident_student()
+    rows = draw(student, temperature=temperature, top_p=top_p)
+    for i, (prompt, row) in enumerate(zip(PROMPTS, rows)):
+        assert row == drawn_by_hand(student, prompt, op.row_seed(3, 0, i), 6, temperature, top_p, EOS), i
+
+
+def first_new_tokens(rows):
+    return sorted({row[len(p)] for p, row in zip(PROMPTS, rows)})
+
+
+# What a checkpoint's generation_config.json may carry; none of it may change the draw. Each entry builds the
+# settings from the neutral draw, so that every one of them would change it if it were applied.
+STUDENT_GENERATION_SETTINGS = {
+    "repetition_penalty": lambda rows: {"repetition_penalty": 1.3},
+    "no_repeat_ngram_size": lambda rows: {"no_repeat_ngram_size": 1},
+    "suppress_tokens": lambda rows: {"suppress_tokens": first_new_tokens(rows)},
+    "begin_suppress_tokens": lambda rows: {"begin_suppress_tokens": first_new_tokens(rows)},
+    "bad_words_ids": lambda rows: {"bad_words_ids": [[t] for t in first_new_tokens(rows)]},
+    "sequence_bias": lambda rows: {"sequence_bias": {(t,): -20.0 for t in first_new_tokens(rows)}},
+    "forced_eos_token_id": lambda rows: {"forced_eos_token_id": 7},
+    "sampling_top_k_temperature": lambda rows: {"do_sample": True, "top_k": 1, "temperature": 0.05},
+    "eos_token_id": lambda rows: {"eos_token_id": first_new_tokens(rows)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STUDENT_GENERATION_SETTINGS))
+def test_generation_config_of_the_student_does_not_change_the_draw(name):
+    clean = confident_student()
+    neutral = draw(clean)
+    student = confident_student()
+    settings = STUDENT_GENERATION_SETTINGS[name](neutral)
+    for key, value in settings.items():
+        setattr(student.generation_config, key, value)
+    assert draw(student) == neutral
+    for key, value in settings.items():  # the checkpoint's own settings are left as they were
+        assert getattr(student.generation_config, key) == value
+
+
+def test_generation_config_min_new_tokens_does_not_delay_the_end_of_text():
+    """A row whose first drawn token is the end-of-text stops there, whatever min_new_tokens / min_length say."""
+    student = confident_student()
+    eos = draw(student)[0][len(PROMPTS[0])]  # make row 0's first draw the end-of-text
+    neutral = draw(student, eos_id=eos)
+    assert len(neutral[0]) == len(PROMPTS[0]) + 1
+    for settings in ({"min_new_tokens": 4}, {"min_length": len(PROMPTS[0]) + 4}):
+        other = confident_student()
+        for key, value in settings.items():
+            setattr(other.generation_config, key, value)
+        assert draw(other, eos_id=eos) == neutral, settings
+
+
 def test_on_policy_kd_mask_covers_only_generated_tokens():
     """The soft-target term of an on-policy step equals a hand computation over the positions that produced the
     student's tokens; no causal-LM term; in the plain and the fused path."""

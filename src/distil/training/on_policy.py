@@ -12,12 +12,14 @@ believe. Hidden-state and attention terms, when the recipe has them, compare the
 generated rows, as on any step.
 
 Sampling is greedy decoding of scores perturbed with Gumbel noise (argmax(scores / T + G) is a draw from
-softmax(scores / T), restricted to the top-p nucleus), each row's noise from its own generator seeded by
-(run.seed, step, row of the step batch): a row's continuation does not depend on which other rows it is
-generated with, so neither on how the step is split between processes and accumulation steps (up to the float
-rounding of batched forwards). Every process generates its own rows (those build_step deals it), one
-micro-batch at a time, and the rows are then gathered, so that every process holds the whole step batch and the
-step's normalising counts (objective.build_step) are those of all generated rows.
+softmax(scores / T)), restricted to the top-p nucleus and by nothing else: the student checkpoint's own
+generation_config (repetition penalty, top-k, banned or suppressed tokens, minimum length, ...) is set aside
+while it writes. Each row's noise comes from its own generator seeded by (run.seed, step, row of the step
+batch): a row's continuation does not depend on which other rows it is generated with, so neither on how the
+step is split between processes and accumulation steps (up to the float rounding of batched forwards). Every
+process generates its own rows (those build_step deals it), one micro-batch at a time, and the rows are then
+gathered, so that every process holds the whole step batch and the step's normalising counts
+(objective.build_step) are those of all generated rows.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def generate(student: torch.nn.Module, prompts: list[np.ndarray], seeds: list[in
     settings = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1, use_cache=True,
                                 pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
     sampler = GumbelSampler(seeds, temperature, top_p, vocab_limit, device)
+    # generate() fills every setting left unset here from the model's own generation_config (a checkpoint's
+    # repetition_penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...), each one a logits processor
+    # that would run before the sampler: the draw would no longer be softmax(scores / T) and would differ by
+    # checkpoint. A blank one stands in while the student writes; the library's remaining defaults are neutral
+    # for greedy decoding (top_k and temperature act only when do_sample is on).
+    own_settings, student.generation_config = student.generation_config, GenerationConfig()
     was_training = student.training
     student.eval()
     try:
@@ -131,6 +139,7 @@ def generate(student: torch.nn.Module, prompts: list[np.ndarray], seeds: list[in
                                    generation_config=settings, logits_processor=LogitsProcessorList([sampler]))
     finally:
         student.train(was_training)
+        student.generation_config = own_settings
     new = out[:, longest:].cpu().numpy()
     rows = []
     for p, continuation in zip(prompts, new):
