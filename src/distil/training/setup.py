@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from datetime import timedelta
 from dataclasses import dataclass
@@ -244,14 +245,28 @@ def _student_config(config: TrainConfig, student_dir: str):
     return load_config(student_dir)
 
 
+# A config attribute is a dropout probability when its name says so: BERT's hidden_dropout_prob, DistilBERT's
+# dropout, Llama's attention_dropout, GPT-2's resid_pdrop / embd_pdrop / attn_pdrop, T5's dropout_rate.
+DROPOUT_KEY = re.compile(r"dropout|pdrop")
+
+
 def _override_dropout(model_config, value: float | None) -> dict:
+    """Set every dropout probability of `model_config` to `value`; returns the values it replaced (restored on
+    save, so the student keeps its architecture's dropout). None leaves the config as it is."""
     original = {}
     if value is None:
         return original
     for key, current in list(model_config.to_dict().items()):
-        if "dropout" in key and isinstance(current, float):
+        # A config.json may write a probability as 0 or 1 (ints); None ("use the other one") and flags stay.
+        if DROPOUT_KEY.search(key) and isinstance(current, (int, float)) and not isinstance(current, bool):
             original[key] = current
             setattr(model_config, key, float(value))
+    if original:
+        log.info("run.dropout=%g: student %s set (were %s)", value, ", ".join(original),
+                 ", ".join(f"{k}={v}" for k, v in original.items()))
+    else:
+        log.warning("run.dropout=%g is not applied: the student config (%s) has no dropout setting, so its dropout, "
+                    "if it has any, stays as built", value, getattr(model_config, "model_type", "") or "no model type")
     return original
 
 
