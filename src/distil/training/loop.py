@@ -211,7 +211,7 @@ def _train(config: TrainConfig, acc) -> dict:
                 grad_norm = parallel.clip_grad_norm(trained_wrapped, config.optim.max_grad_norm)
             else:
                 grad_norm = None
-            optimizer.step()
+            parallel.step(optimizer)  # through the fp16 loss scaler when there is one: an overflowing step is skipped
             scheduler.step()
             if held is None:  # after the first update, when parameters, gradients and optimizer state all exist
                 held = held_megabytes(models, optimizer)

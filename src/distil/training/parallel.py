@@ -7,6 +7,12 @@ runs. FSDP is driven through `torch.distributed.fsdp.fully_shard` directly, the 
 (NCCL): accelerate's own FSDP path needs CUDA. It is chosen by `run.fsdp: true` or by `accelerate launch
 --use_fsdp` (which sets ACCELERATE_USE_FSDP). Both layouts average gradients over processes, so the loop scales
 each micro-batch's share of the step loss by the process count either way.
+
+fp16 (on a GPU) needs loss scaling: accelerate creates a GradScaler and its backward scales the loss. Under DDP
+the optimizer accelerate prepared drives the scaler; under FSDP the optimizer is distil's own, so
+FullyShardedDataParallel drives it: unscale before clipping, skip a step whose gradients hold an inf or NaN on
+any process (the sharded gradients' check is reduced over the mesh), then update the scale. `step` says whether
+the step was taken, in either layout.
 """
 
 from __future__ import annotations
@@ -65,7 +71,13 @@ class DataParallel:
         return contextlib.nullcontext() if last_micro else self.acc.no_sync(module)
 
     def clip_grad_norm(self, module, max_norm: float) -> float:
+        """The norm of the unscaled gradients (accelerate unscales them first under fp16), clipped to max_norm."""
         return float(self.acc.clip_grad_norm_(module.parameters(), max_norm))
+
+    def step(self, optimizer) -> bool:
+        """The optimizer step; under fp16 accelerate's prepared optimizer drives the scaler. Whether it was taken."""
+        optimizer.step()
+        return not getattr(optimizer, "step_was_skipped", False)
 
     def full_student(self, models):
         """The student with all its weights, on the main process (None elsewhere), for save_pretrained."""
@@ -80,6 +92,9 @@ class FullyShardedDataParallel:
     def __init__(self, acc, config):
         self.acc = acc
         self.config = config
+        # Set by accelerate for fp16 on a GPU; acc.backward scales the loss with it, the steps here drive it.
+        self.scaler = acc.scaler
+        self.optimizer = None
         if not torch.distributed.is_initialized():
             raise DistilError(
                 "run.fsdp needs a distributed launch: run under torchrun (torchrun --nproc_per_node N -m distil train "
@@ -90,6 +105,10 @@ class FullyShardedDataParallel:
         """Shard the models in place (the student's trained module, and the teacher unless it is replicated), then
         build the optimizer over the sharded parameters: each process keeps the state of its own shard."""
         mixed = self.config.run.mixed_precision
+        if mixed == "fp16" and self.scaler is None:
+            # accelerate runs fp16 only where it scales the loss (not on CPU, where it keeps float32): unscaled fp16
+            # gradients would underflow, so the shards compute in float32 there too, as under DDP.
+            mixed = "no"
         _shard(trained, mixed, reshard_after_forward=True)
         if self.config.teacher.fsdp == "shard":
             _shard(models.teacher, mixed, reshard_after_forward=True)
@@ -98,7 +117,8 @@ class FullyShardedDataParallel:
             model.to(self.acc.device)
         log.info("FSDP: student%s sharded over %d processes (each block, then the root)",
                  " and teacher" if self.config.teacher.fsdp == "shard" else "", self.acc.num_processes)
-        return trained, build_optimizer(trained)
+        self.optimizer = build_optimizer(trained)
+        return trained, self.optimizer
 
     def no_sync(self, module, last_micro: bool):
         @contextlib.contextmanager
@@ -112,8 +132,23 @@ class FullyShardedDataParallel:
         return gradient_sync()
 
     def clip_grad_norm(self, module, max_norm: float) -> float:
+        """The norm of the unscaled gradients (inf when a process holds an overflow), clipped to max_norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # once per step: step() then leaves them as they are
         norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, optimizer) -> bool:
+        """The optimizer step, through the loss scaler under fp16 (skipped, on every process, when a gradient
+        holds an inf or NaN; the scale backs off then, and grows after a run of finite steps). Whether it was
+        taken."""
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale  # update() lowers the scale exactly when the step was skipped
 
     def full_student(self, models):
         """Gather the sharded student into a plain model on the main process (None elsewhere). A collective:
