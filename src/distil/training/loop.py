@@ -211,9 +211,11 @@ def _train(config: TrainConfig, acc) -> dict:
                 grad_norm = parallel.clip_grad_norm(trained_wrapped, config.optim.max_grad_norm)
             else:
                 grad_norm = None
-            parallel.step(optimizer)  # through the fp16 loss scaler when there is one: an overflowing step is skipped
+            # Through the fp16 loss scaler when there is one: an overflowing step is skipped. The learning rate
+            # stays a function of the step number (as on resume), so the schedule advances either way.
+            taken = parallel.step(optimizer)
             scheduler.step()
-            if held is None:  # after the first update, when parameters, gradients and optimizer state all exist
+            if held is None and taken:  # after the first update, when parameters, gradients and optimizer state all exist
                 held = held_megabytes(models, optimizer)
             optimizer.zero_grad(set_to_none=True)
             step += 1
