@@ -339,7 +339,7 @@ def test_on_policy_fraction_zero_is_the_teacher_forced_run(workspace):
     ("loss.on_policy_prefix=0", "at least 1"),
     ("loss.on_policy_max_new_tokens=0", "at least 1"),
     ("loss.on_policy_temperature=0", "on_policy_temperature must be > 0"),
-    ("loss.on_policy_top_p=0", r"on_policy_top_p in \(0, 1\]"),
+    ("loss.on_policy_top_p=0", r"on_policy_top_p must be in \(0, 1\]"),
     ("loss.objective=mlm", "needs a causal student"),
 ])
 def test_on_policy_bad_settings_are_refused(workspace, override, match):

@@ -24,8 +24,17 @@ def train(config_or_path: TrainConfig | str | Path | dict, overrides: list[str] 
 
     import yaml
 
+    from distil.errors import DistilError
     from distil.training.loop import train as run
 
+    if isinstance(config_or_path, bool) or not isinstance(config_or_path, (TrainConfig, str, Path, dict)):
+        raise DistilError(f"distil.train takes a recipe path, a TrainConfig or a dict shaped like a recipe, not "
+                          f"{type(config_or_path).__name__} ({config_or_path!r:.80}). Pass e.g. "
+                          "distil.train('recipes/distilbert-base-uncased.yaml').")
+    if overrides is not None and (isinstance(overrides, str) or not isinstance(overrides, (list, tuple))
+                                  or not all(isinstance(o, str) for o in overrides)):
+        raise DistilError(f"distil.train's overrides must be a list of 'section.key=value' strings, got "
+                          f"{overrides!r:.80}. Pass e.g. overrides=['optim.max_steps=1000'].")
     if isinstance(config_or_path, TrainConfig):
         config_or_path = config_or_path.to_dict()
     if isinstance(config_or_path, dict):
@@ -33,6 +42,6 @@ def train(config_or_path: TrainConfig | str | Path | dict, overrides: list[str] 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "recipe.yaml"
             path.write_text(yaml.safe_dump(config_or_path), encoding="utf-8")
-            config = load_config(path, overrides)
+            config = load_config(path, list(overrides or []))
         return run(config)
-    return run(load_config(config_or_path, overrides))
+    return run(load_config(config_or_path, list(overrides or [])))

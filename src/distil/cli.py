@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,17 @@ def _layer_list(text: str) -> list[int]:
         return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 0,2,4,7,9,11, got {text!r}")
+
+
+def _finite_float(text: str) -> float:
+    # float() reads "nan" and "inf"; no option of distil means them, and they pass `<` / `>` range checks unseen.
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_prepare(sub) -> None:
@@ -49,7 +61,7 @@ def _add_prepare(sub) -> None:
                         "(see distil.data.mixing)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory, .gguf file, or hub id (e.g. bert-base-uncased)")
     p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results, see --overwrite)")
-    p.add_argument("--heldout", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--heldout", type=_finite_float, default=0.0, metavar="FRACTION",
                    help="fraction of lines (chosen by a seeded draw) kept apart for evaluation (default 0)")
     p.add_argument("--heldout-file", action="append", default=[], metavar="FILE",
                    help="a file whose lines form the held-out split instead of a fraction (repeatable)")
@@ -58,7 +70,7 @@ def _add_prepare(sub) -> None:
                         "(default: the tokenizer's model_max_length, capped at 512)")
     p.add_argument("--min-length", type=int, default=12,
                    help="drop sequences with fewer tokens than this, framing included (default 12: the seed drops 11 or fewer)")
-    p.add_argument("--max-unk-fraction", type=float, default=0.5,
+    p.add_argument("--max-unk-fraction", type=_finite_float, default=0.5,
                    help="drop sequences where at least this fraction of tokens is the unknown token (default 0.5)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs, or column of --dataset / --mix datasets (default: text)")
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -149,21 +161,21 @@ def _add_task(sub) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "-o", default=None,
                    help="directory to write (refused if it holds results, see --overwrite); may come from --recipe")
     p.add_argument("--teacher", default=None, help="teacher fine-tuned on this task, sharing the student's tokenizer")
-    p.add_argument("--alpha-ce", type=float, default=0.5, help="weight of the soft-target KL term (default 0.5)")
-    p.add_argument("--alpha-task", type=float, default=0.5, help="weight of the task cross-entropy (default 0.5)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term (default 2.0)")
+    p.add_argument("--alpha-ce", type=_finite_float, default=0.5, help="weight of the soft-target KL term (default 0.5)")
+    p.add_argument("--alpha-task", type=_finite_float, default=0.5, help="weight of the task cross-entropy (default 0.5)")
+    p.add_argument("--temperature", type=_finite_float, default=2.0, help="softmax temperature of the KL term (default 2.0)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--lr", type=_finite_float, default=5e-5, help="peak learning rate (default 5e-5)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: twice --batch-size")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence or window (default: 384 for qa, else 128)")
-    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of steps with linear warm-up (default 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-fraction", type=_finite_float, default=0.1, help="share of steps with linear warm-up (default 0.1)")
+    p.add_argument("--weight-decay", type=_finite_float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--label-order", type=lambda s: [c.strip() for c in s.split(",") if c.strip()], default=None,
                    metavar="A,B,C",
                    help="classification/ner: the data's label names in the teacher's id order (LABEL_0 first); "
                         "needed when the teacher's labels are unnamed and the data's are names, e.g. in a CSV")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--max-grad-norm", type=_finite_float, default=1.0, help="gradient clipping norm (default 1.0)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
     p.add_argument("--log-every", type=int, default=50, help="training steps per metrics.jsonl line (default 50)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
@@ -176,7 +188,7 @@ def _add_task(sub) -> argparse.ArgumentParser:
     qa.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
     qa.add_argument("--max-answer-length", type=int, default=30, help="longest answer span in tokens (default 30)")
     qa.add_argument("--n-best-size", type=int, default=20, help="start/end candidates considered (default 20)")
-    qa.add_argument("--null-score-diff-threshold", type=float, default=0.0,
+    qa.add_argument("--null-score-diff-threshold", type=_finite_float, default=0.0,
                     help="SQuAD v2: predict no answer when the null score beats the best span by more than this")
     qa.add_argument("--version-2", action=argparse.BooleanOptionalAction, default=None,
                     help="SQuAD v2.0 (unanswerable questions); default: detected from the data")
@@ -210,7 +222,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-length", type=int, default=128, help="longest held-out sequence in tokens (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size for scoring (default 16)")
     p.add_argument("--mask-seed", type=int, default=0, help="seed of the fixed MLM masks (default 0)")
-    p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens masked (default 0.15)")
+    p.add_argument("--mlm-probability", type=_finite_float, default=0.15, help="share of tokens masked (default 0.15)")
     p.add_argument("--reference", default=None,
                    help="model whose mean-pooled hidden states the others are compared with (hidden-state fidelity)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency and throughput measurements")
@@ -225,7 +237,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per model; mean and spread reported (default 1)")
     p.add_argument("--first-seed", type=int, default=42, help="first fine-tuning seed (default 42)")
     p.add_argument("--task-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
-    p.add_argument("--task-lr", type=float, default=5e-5, help="fine-tuning learning rate (default 5e-5)")
+    p.add_argument("--task-lr", type=_finite_float, default=5e-5, help="fine-tuning learning rate (default 5e-5)")
     p.add_argument("--task-batch-size", type=int, default=32, help="fine-tuning batch size (default 32)")
     p.add_argument("--task-max-length", type=int, default=128, help="fine-tuning sequence length (default 128)")
     p.add_argument("--text-columns", type=lambda s: [c for c in s.split(",") if c], default=None,
@@ -264,7 +276,7 @@ def _add_fit_head(sub) -> None:
                                                  "(with a held-out split)")
     p.add_argument("--output-dir", "-o", required=True, help="where to write the teacher with its fitted head")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--lr", type=_finite_float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, masks and the head's initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier fit-head output")
@@ -288,10 +300,10 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--top-k", type=int, default=128, help="most probable tokens kept per position (default 128)")
     p.add_argument("--sampled", type=int, default=0, metavar="K",
                    help="tokens drawn per position from the distribution outside the top-k (default 0: top-k only)")
-    p.add_argument("--temperature", type=float, default=2.0,
+    p.add_argument("--temperature", type=_finite_float, default=2.0,
                    help="temperature of the stored distribution; training needs loss.temperature equal to it "
                         "(default 2.0, distil's default loss.temperature)")
-    p.add_argument("--proposal-temperature", type=float, default=1.0,
+    p.add_argument("--proposal-temperature", type=_finite_float, default=1.0,
                    help="draw from the tail's distribution at this extra temperature (1: the tail itself; > 1 reaches "
                         "further into it); the importance weights correct for it (default 1)")
     p.add_argument("--split", default="train", help="prepared split to cache (default train)")

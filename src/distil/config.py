@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,96 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take; every bound is optional and NaN / infinity are never in range."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False              # low itself excluded
+    high_open: bool = False             # high itself excluded
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        """`in [0, 1) (a finite number)`, `> 0 (a finite number)`, `a finite number`."""
+        if self.low is not None and self.high is not None:
+            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            bounds = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            return "a finite number"
+        return f"{bounds} (a finite number)"
+
+
+ANY_FINITE = Range()
+POSITIVE = Range(0.0, low_open=True)
+NON_NEGATIVE = Range(0.0)
+PROBABILITY = Range(0.0, 1.0)
+FRACTION = Range(0.0, 1.0, high_open=True)
+OPEN_UNIT = Range(0.0, 1.0, low_open=True, high_open=True)
+
+# The meaningful values of each float recipe key (lists: of each element). A float key not named here is still
+# refused when it is NaN or infinite; loss.alpha_* weights are >= 0 (see float_range).
+FLOAT_RANGES = {
+    "loss.temperature": POSITIVE,
+    "loss.jsd_beta": OPEN_UNIT,
+    "loss.skew_alpha": FRACTION,
+    "loss.mlm_probability": OPEN_UNIT,
+    "loss.mlm_smoothing": NON_NEGATIVE,
+    "loss.mask_replace": PROBABILITY,
+    "loss.on_policy_fraction": PROBABILITY,
+    "loss.on_policy_temperature": POSITIVE,
+    "loss.on_policy_top_p": Range(0.0, 1.0, low_open=True),
+    "optim.lr": POSITIVE,
+    "optim.betas": FRACTION,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_fraction": FRACTION,
+    "optim.max_grad_norm": NON_NEGATIVE,
+    "optim.epochs": POSITIVE,
+    "run.dropout": FRACTION,
+}
+
+
+def float_range(key: str) -> Range:
+    """The range of the float recipe key `section.name`."""
+    if key.startswith("loss.alpha_"):
+        return FLOAT_RANGES.get(key, NON_NEGATIVE)
+    return FLOAT_RANGES.get(key, ANY_FINITE)
+
+
+def check_number(name: str, value, allowed: Range, hint: str = "") -> float:
+    """`value` as a float when it is a finite number in `allowed`, else a DistilError naming `name`."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not allowed.contains(number):
+        raise DistilError(f"{name} must be {allowed.describe()}, got {value!r}.{hint}")
+    return number
+
+
+def _check_float_values(section, f: dataclasses.Field, where: str) -> None:
+    """NaN and infinity are refused for every float key (they pass `<` and `>` checks unnoticed), and each key's
+    range (FLOAT_RANGES) is enforced, before any other check reads the value."""
+    key = f"{where}.{f.name}"
+    value = getattr(section, f.name)
+    if value is None:
+        return
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    why = " Loss weights must be >= 0 (0 leaves the term out)." if f.name.startswith("alpha_") else ""
+    for element in value if isinstance(value, list) else [value]:
+        check_number(f"Recipe key {key}" + (" (each element)" if isinstance(value, list) else ""), element,
+                     float_range(key), f"{why} Fix it in the recipe or on the command line (the default is {default}).")
+
+
 STUDENT_SOURCES = ("path", "layers", "num_layers", "config")
 
 
@@ -185,6 +276,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if value == "None":  # Python's spelling of YAML's null (data.max_length=None), meant as null
+        value = None
     return key.strip().split("."), value
 
 
@@ -238,6 +331,9 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
 
 def _check_type(section, name: str, kinds: tuple, where: str) -> None:
     value = getattr(section, name)
+    if value == "None" and type(None) in kinds:  # `max_length: None` in a recipe means null, as on the command line
+        setattr(section, name, None)
+        return
     if value is None and type(None) in kinds:
         return
     # YAML gives ints where floats are meant (alpha: 5); accept them.
@@ -314,6 +410,8 @@ def validate(config: TrainConfig) -> None:
             _check_type(section, f.name, kinds, section_name)
             if kinds[0] is list and isinstance(getattr(section, f.name), list):
                 _check_elements(section, f.name, annotation, section_name)
+            if annotation.startswith(("float", "list[float]")):
+                _check_float_values(section, f, section_name)
 
     if not config.teacher.path and not config.teacher.cache:
         raise DistilError("The recipe names no teacher. Set teacher.path (a hub id such as bert-base-uncased, or a directory).")
@@ -332,9 +430,6 @@ def validate(config: TrainConfig) -> None:
 
     loss = config.loss
     alphas = loss.alphas()
-    negative = {k: v for k, v in alphas.items() if v < 0}
-    if negative:
-        raise DistilError(f"Loss weights must be >= 0; the recipe has {negative}.")
     if not any(alphas.values()):
         raise DistilError("All loss weights are 0, so nothing would be learned. Set at least one of " + ", ".join(alphas) + ".")
     if loss.alpha_mlm > 0 and loss.alpha_clm > 0:
@@ -343,14 +438,7 @@ def validate(config: TrainConfig) -> None:
     if loss.divergence not in divergences:
         raise DistilError(f"loss.divergence must be one of {', '.join(divergences)}, got {loss.divergence!r}."
                           f"{_closest(str(loss.divergence), list(divergences))}")
-    if not 0 < loss.jsd_beta < 1 or not 0 <= loss.skew_alpha < 1:
-        raise DistilError(f"loss.jsd_beta must be in (0, 1) and loss.skew_alpha in [0, 1); got {loss.jsd_beta} and "
-                          f"{loss.skew_alpha} (jsd_beta 0.5 is the symmetric JSD; skew_alpha 0 is plain KL).")
-    if loss.temperature <= 0:
-        raise DistilError(f"loss.temperature must be > 0, got {loss.temperature}.")
-    if not 0 < loss.mlm_probability < 1:
-        raise DistilError(f"loss.mlm_probability must be in (0, 1), got {loss.mlm_probability}.")
-    if len(loss.mask_replace) != 3 or any(p < 0 for p in loss.mask_replace) or abs(sum(loss.mask_replace) - 1) > 1e-6:
+    if len(loss.mask_replace) != 3 or abs(sum(loss.mask_replace) - 1) > 1e-6:
         raise DistilError(f"loss.mask_replace must be three probabilities (mask, keep, random) that sum to 1, got {loss.mask_replace}.")
     if not (loss.hidden_layers in ("last", "mapped") or _is_layer_pairs(loss.hidden_layers)):
         raise DistilError(
@@ -399,17 +487,13 @@ def validate(config: TrainConfig) -> None:
     _check_on_policy(config)
 
     o = config.optim
-    if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
-        raise DistilError("optim.lr and optim.eps must be > 0; optim.weight_decay and optim.max_grad_norm >= 0.")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+    if len(o.betas) != 2:
         raise DistilError(f"optim.betas must be two numbers in [0, 1), got {o.betas}.")
-    if not 0 <= o.warmup_fraction < 1:
-        raise DistilError(f"optim.warmup_fraction must be in [0, 1), got {o.warmup_fraction}.")
     if o.effective_batch_size is not None and o.effective_batch_size < config.data.batch_size:
         raise DistilError(f"optim.effective_batch_size ({o.effective_batch_size}) must be at least data.batch_size "
                           f"({config.data.batch_size}).")
-    if o.gradient_accumulation < 1 or (o.max_steps is not None and o.max_steps < 1) or o.epochs <= 0:
-        raise DistilError("optim.gradient_accumulation and optim.max_steps must be >= 1, optim.epochs > 0.")
+    if o.gradient_accumulation < 1 or (o.max_steps is not None and o.max_steps < 1):
+        raise DistilError("optim.gradient_accumulation and optim.max_steps must be >= 1.")
     if config.data.batch_size < 1:
         raise DistilError(f"data.batch_size must be at least 1, got {config.data.batch_size}.")
 
@@ -437,16 +521,10 @@ def validate(config: TrainConfig) -> None:
 def _check_on_policy(config: TrainConfig) -> None:
     """The on-policy settings themselves; what they need of the models is checked at start (training/on_policy.py)."""
     loss = config.loss
-    if not 0 <= loss.on_policy_fraction <= 1:
-        raise DistilError(f"loss.on_policy_fraction must be in [0, 1] (the fraction of steps distilled on the "
-                          f"student's own samples), got {loss.on_policy_fraction}.")
     if loss.on_policy_prefix < 1 or loss.on_policy_max_new_tokens < 1:
         raise DistilError(f"loss.on_policy_prefix and loss.on_policy_max_new_tokens must be at least 1 (prompt and "
                           f"continuation lengths in tokens), got {loss.on_policy_prefix} and "
                           f"{loss.on_policy_max_new_tokens}.")
-    if loss.on_policy_temperature <= 0 or not 0 < loss.on_policy_top_p <= 1:
-        raise DistilError(f"loss.on_policy_temperature must be > 0 and loss.on_policy_top_p in (0, 1], got "
-                          f"{loss.on_policy_temperature} and {loss.on_policy_top_p}.")
     if loss.on_policy_fraction > 0 and loss.objective == "mlm":
         raise DistilError("loss.on_policy_fraction is set with loss.objective=mlm: on-policy distillation needs a "
                           "causal student that writes text and a causal teacher that scores it.")

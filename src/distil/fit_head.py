@@ -55,12 +55,13 @@ def fit_head(teacher: str, data: str, output_dir: str, steps: int = 300, lr: flo
     `output_dir`. Returns held-out masked-token accuracy and loss before and after."""
     from transformers import AutoModelForMaskedLM
 
-    from distil.config import TrainConfig
+    from distil.config import POSITIVE, TrainConfig, check_number
     from distil.outputs import check_output_dir
     from distil.training.setup import build_masker, check_data_matches_tokenizer
 
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise DistilError(f"fit-head needs steps >= 1, batch size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}.")
+    lr = check_number("fit-head's learning rate (lr, --lr)", lr, POSITIVE)
+    if steps < 1 or batch_size < 1:
+        raise DistilError(f"fit-head needs steps >= 1 and batch size >= 1; got {steps} and {batch_size}.")
     check_output_dir(output_dir, overwrite)
     tokenizer = load_tokenizer(teacher)
     check_data_matches_tokenizer(data, tokenizer, None)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from distil.config import ANY_FINITE, FRACTION, NON_NEGATIVE, POSITIVE, check_number
 from distil.errors import DistilError
 from distil.loading import load_model, load_tokenizer
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
@@ -104,11 +105,17 @@ def run_task(
         raise DistilError("label_order applies to classification and ner, not qa (it predicts positions). Leave it out.")
     _check_arguments(task, teacher, alpha_ce, alpha_task, temperature, epochs, lr, batch_size, warmup_fraction,
                      max_steps, log_every)
+    _check_floats(weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                  null_score_diff_threshold=null_score_diff_threshold)
+    if max_length is not None and max_length < 1:
+        raise DistilError(f"max_length must be at least 1 token, got {max_length} (leave it out for the default: "
+                          f"{DEFAULT_MAX_LENGTH.get(task, 128)} for {task}).")
     check_output_dir(output_dir, overwrite)  # fail now, not after training
     max_length = max_length or DEFAULT_MAX_LENGTH[task]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
 
     tokenizer = load_tokenizer(student)
+    _check_room_for_text(task, tokenizer, max_length)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise DistilError(f"The tokenizer of {student} has neither a padding nor an end-of-text token, so batches "
@@ -179,22 +186,63 @@ def _check_arguments(task, teacher, alpha_ce, alpha_task, temperature, epochs, l
                      max_steps, log_every) -> None:
     if task not in TASKS:
         raise DistilError(f"Unknown task {task!r}. Choose one of {', '.join(TASKS)}.")
-    if temperature <= 0:
-        raise DistilError(f"The temperature must be positive, got {temperature}.")
-    if alpha_ce < 0 or alpha_task < 0:
-        raise DistilError(f"Loss weights must not be negative (alpha_ce={alpha_ce}, alpha_task={alpha_task}).")
+    _check_floats(temperature=temperature, alpha_ce=alpha_ce, alpha_task=alpha_task, lr=lr,
+                  warmup_fraction=warmup_fraction)
     if alpha_ce + alpha_task == 0:
         raise DistilError("alpha_ce and alpha_task are both 0, so there is nothing to learn. Give one a positive weight.")
     if teacher is None and alpha_task == 0:
         raise DistilError("alpha_task is 0 and there is no teacher, so there is nothing to learn: without --teacher "
                           "the task loss is the only one. Give alpha_task a positive weight, or pass --teacher.")
-    if epochs < 1 or batch_size < 1 or lr <= 0 or log_every < 1 or (max_steps is not None and max_steps < 1):
+    if epochs < 1 or batch_size < 1 or log_every < 1 or (max_steps is not None and max_steps < 1):
         raise DistilError(
             f"epochs ({epochs}), batch_size ({batch_size}), log_every ({log_every}) and max_steps ({max_steps}) must be "
-            f"at least 1 and lr ({lr}) positive."
+            "at least 1."
         )
-    if not 0 <= warmup_fraction < 1:
-        raise DistilError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}.")
+
+
+# The meaningful values of the task's float options, checked like a training recipe's (distil.config.Range).
+TASK_FLOAT_RANGES = {
+    "temperature": POSITIVE, "alpha_ce": NON_NEGATIVE, "alpha_task": NON_NEGATIVE, "lr": POSITIVE,
+    "warmup_fraction": FRACTION, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+    "null_score_diff_threshold": ANY_FINITE,
+}
+
+
+def _check_floats(**values) -> None:
+    for name, value in values.items():
+        check_number(f"The task option {name} (--{name.replace('_', '-')})", value, TASK_FLOAT_RANGES[name])
+
+
+def _check_room_for_text(task: str, tokenizer, max_length: int) -> None:
+    """Classification and NER windows hold the tokenizer's special tokens and at least one token of text (QA
+    checks its own room: question, context and stride)."""
+    if task == "qa":
+        return
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= specials:
+        raise DistilError(f"max_length {max_length} leaves no room for text: the tokenizer adds {specials} special "
+                          f"tokens to every sequence. Use a larger --max-length (the default for {task} is "
+                          f"{DEFAULT_MAX_LENGTH[task]}).")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to train on (default: cuda when torch sees a GPU), refused when torch cannot use it here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DistilError(f"Unknown device {device!r}. Use cpu, cuda or cuda:N (or leave --device out).") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DistilError(f"--device {device} was asked for, but torch sees no GPU here (torch "
+                              f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}). Use --device cpu, "
+                              "or leave --device out to use a GPU when there is one.")
+        if resolved.index is not None and resolved.index >= count:
+            raise DistilError(f"--device {device} names GPU {resolved.index}, but torch sees {count} GPU(s) here "
+                              f"(cuda:0 to cuda:{count - 1}).")
+    return resolved
 
 
 def _seed_everything(seed: int) -> None:
