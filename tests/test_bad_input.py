@@ -116,3 +116,13 @@ def test_weights_keep_the_users_umask(tmp_path):
         os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "student").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("loss.temperature=nan", "Recipe key loss.temperature must be > 0 (a finite number), got nan"),
+    ("optim.lr=.inf", "Recipe key optim.lr must be > 0 (a finite number), got inf"),
+])
+def test_bad_input_non_finite_override_on_the_command_line(tmp_path, override, phrase):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher: {path: t}\ndata: {path: d}\n")
+    assert_refused(distil("train", recipe, override), phrase)

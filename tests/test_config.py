@@ -112,3 +112,178 @@ def test_list_elements_of_the_right_kind_are_accepted():
     assert config.optim.betas == [0.0, 0.98] and config.run.report_to == []
     assert load_config(RECIPES / "distilbert-base-uncased.yaml", ["run.report_to=tensorboard,wandb"]).run.report_to \
         == ["tensorboard", "wandb"]
+
+
+# --- Values that are not values: NaN, infinity and out-of-range numbers are refused when the recipe is read ---
+
+BASE_RECIPE = "teacher: {path: t}\ndata: {path: d}\n"
+NON_FINITE = [("nan", ".nan"), ("inf", ".inf"), ("-inf", "-.inf")]  # (override spelling, YAML file spelling)
+SAMPLE_KEYS = [("loss", "temperature", "0"), ("loss", "alpha_ce", "-1"), ("optim", "lr", "0"),
+               ("optim", "warmup_fraction", "1"), ("loss", "mlm_probability", "1.5"), ("run", "dropout", "1"),
+               ("loss", "on_policy_top_p", "0")]
+
+
+@pytest.mark.parametrize("section,key,out_of_range", SAMPLE_KEYS)
+@pytest.mark.parametrize("override_spelling,yaml_spelling", NON_FINITE)
+def test_non_finite_values_in_a_recipe_file_and_overrides_are_refused_naming_the_key(
+        tmp_path, section, key, out_of_range, override_spelling, yaml_spelling):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE_RECIPE + f"{section}: {{{key}: {yaml_spelling}}}\n")
+    with pytest.raises(DistilError, match=rf"Recipe key {section}\.{key} must be .*finite number.*got -?(nan|inf)"):
+        load_config(recipe)
+    recipe.write_text(BASE_RECIPE)
+    with pytest.raises(DistilError, match=rf"Recipe key {section}\.{key} must be .*finite number.*got -?(nan|inf)"):
+        load_config(recipe, [f"{section}.{key}={override_spelling}"])
+
+
+@pytest.mark.parametrize("section,key,out_of_range", SAMPLE_KEYS)
+def test_non_finite_out_of_range_values_are_refused_naming_the_key(tmp_path, section, key, out_of_range):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE_RECIPE)
+    with pytest.raises(DistilError, match=rf"Recipe key {section}\.{key} must be (in|>)"):
+        load_config(recipe, [f"{section}.{key}={out_of_range}"])
+
+
+def test_non_finite_list_elements_are_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE_RECIPE)
+    with pytest.raises(DistilError, match=r"optim\.betas \(each element\) must be in \[0, 1\).*got nan"):
+        load_config(recipe, ["optim.betas=[0.9,nan]"])
+    with pytest.raises(DistilError, match=r"loss\.mask_replace \(each element\) must be in \[0, 1\].*got inf"):
+        load_config(recipe, ["loss.mask_replace=[0.8,.inf,0.1]"])
+
+
+def _float_fields():
+    """Every float (or list of floats) key of every recipe section, found from the dataclasses themselves."""
+    from dataclasses import fields
+
+    from distil.config import TrainConfig
+
+    config = TrainConfig()
+    for section in fields(config):
+        value = getattr(config, section.name)
+        for f in fields(value) if hasattr(value, "__dataclass_fields__") else []:
+            annotation = str(f.type)
+            if annotation.startswith(("float", "list[float]")):
+                yield section.name, f.name, annotation.startswith("list")
+
+
+FLOAT_FIELDS = list(_float_fields())
+
+
+def test_non_finite_field_list_is_complete():
+    names = {f"{s}.{k}" for s, k, _ in FLOAT_FIELDS}
+    assert {"loss.temperature", "optim.lr", "optim.betas", "run.dropout", "loss.mask_replace"} <= names
+    assert len(names) >= 25
+
+
+@pytest.mark.parametrize("section,key,is_list", FLOAT_FIELDS, ids=[f"{s}.{k}" for s, k, _ in FLOAT_FIELDS])
+def test_non_finite_every_float_field_refuses_nan(tmp_path, section, key, is_list):
+    from distil.config import TrainConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE_RECIPE)
+    default = getattr(getattr(TrainConfig(), section), key)
+    value = f"[{','.join(['nan'] * len(default))}]" if is_list else "nan"
+    with pytest.raises(DistilError, match=rf"Recipe key {section}\.{key}"):
+        load_config(recipe, [f"{section}.{key}={value}"])
+
+
+def test_non_finite_values_through_the_python_api(tmp_path):
+    import math
+
+    import distil
+    from distil.config import TrainConfig
+
+    config = TrainConfig()
+    config.teacher.path, config.data.path, config.optim.lr = "t", "d", math.nan
+    with pytest.raises(DistilError, match=r"Recipe key optim\.lr must be > 0 \(a finite number\), got nan"):
+        distil.train(config)
+    recipe = {"teacher": {"path": "t"}, "data": {"path": "d"}, "loss": {"temperature": -math.inf}}
+    with pytest.raises(DistilError, match=r"Recipe key loss\.temperature must be > 0.*got -inf"):
+        distil.train(recipe)
+    with pytest.raises(DistilError, match=r"Recipe key optim\.eps must be > 0.*got 0\.0"):
+        distil.train({"teacher": {"path": "t"}, "data": {"path": "d"}}, ["optim.eps=0"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 0.0])
+def test_non_finite_fit_head_learning_rate_is_refused(tmp_path, value):
+    from distil.fit_head import fit_head
+
+    # Refused before anything is loaded: the teacher and data need not exist.
+    with pytest.raises(DistilError, match=r"fit-head's learning rate \(lr, --lr\) must be > 0 \(a finite number\)"):
+        fit_head(str(tmp_path / "no-teacher"), str(tmp_path / "no-data"), str(tmp_path / "out"), lr=value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,rule", [
+    ("lr", float("nan"), "> 0"), ("lr", float("inf"), "> 0"), ("temperature", float("-inf"), "> 0"),
+    ("temperature", 0.0, "> 0"), ("alpha_ce", float("nan"), ">= 0"), ("alpha_task", -0.5, ">= 0"),
+    ("warmup_fraction", 1.0, r"in \[0, 1\)"), ("weight_decay", float("nan"), ">= 0"),
+    ("max_grad_norm", float("inf"), ">= 0"), ("null_score_diff_threshold", float("nan"), "a finite number"),
+])
+def test_non_finite_task_options_are_refused(tmp_path, option, value, rule):
+    import distil
+
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(DistilError, match=rf"The task option {option} \({flag}\) must be {rule}"):
+        distil.run_task("classification", str(tmp_path / "no-student"), None, None, str(tmp_path / "out"),
+                        **{option: value})
+
+
+@pytest.mark.parametrize("argv", [
+    ["task", "classification", "s", "-o", "o", "--lr", "nan"],
+    ["task", "qa", "s", "-o", "o", "--temperature", "inf"],
+    ["fit-head", "t", "--data", "d", "-o", "o", "--lr=-inf"],
+    ["prepare", "f.txt", "--tokenizer", "t", "-o", "o", "--heldout", "nan"],
+])
+def test_non_finite_command_line_flags_are_refused_naming_the_flag(argv, capsys):
+    from distil.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    flag, value = argv[-1].split("=") if "=" in argv[-1] else argv[-2:]
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelling", ["None", "null", "~"])
+def test_small_inputs_none_and_null_alike_for_optional_keys(tmp_path, spelling):
+    """The teacher store's message suggests data.max_length=None: both spellings mean null, in a file too."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE_RECIPE + "data: {path: d, max_length: 64}\nrun: {dropout: 0.1}\n")
+    config = load_config(recipe, [f"data.max_length={spelling}", f"run.dropout={spelling}"])
+    assert config.data.max_length is None and config.run.dropout is None
+    recipe.write_text(BASE_RECIPE + f"data: {{path: d, max_length: {spelling}}}\n")
+    assert load_config(recipe).data.max_length is None
+
+
+def test_small_inputs_python_api_refuses_what_is_not_a_recipe(tmp_path):
+    import distil
+
+    for wrong in ([1, 2, 3], 5, b"recipe.yaml"):
+        with pytest.raises(DistilError, match="distil.train takes a recipe path, a TrainConfig or a dict"):
+            distil.train(wrong)
+    with pytest.raises(DistilError, match="overrides must be a list of 'section.key=value' strings"):
+        distil.train({"teacher": {"path": "t"}, "data": {"path": "d"}}, "optim.lr=1")
+
+
+def test_small_inputs_task_device_and_max_length(tmp_path):
+    import torch
+
+    import distil
+    from train_fixtures import teacher_dir
+
+    if not torch.cuda.is_available():
+        with pytest.raises(DistilError, match="--device cuda was asked for, but torch sees no GPU here"):
+            distil.run_task("classification", str(tmp_path / "s"), None, None, str(tmp_path / "out"), device="cuda")
+    with pytest.raises(DistilError, match="Unknown device 'gpu0'"):
+        distil.run_task("classification", str(tmp_path / "s"), None, None, str(tmp_path / "out"), device="gpu0")
+    with pytest.raises(DistilError, match="max_length must be at least 1 token, got 0"):
+        distil.run_task("ner", str(tmp_path / "s"), None, None, str(tmp_path / "out"), max_length=0)
+    student = teacher_dir(tmp_path, "bert", num_layers=1)  # its tokenizer adds [CLS] and [SEP]
+    for max_length in (1, 2):
+        with pytest.raises(DistilError, match=f"max_length {max_length} leaves no room for text: the tokenizer adds 2"):
+            distil.run_task("classification", str(student), None, None, str(tmp_path / "out"), max_length=max_length,
+                            device="cpu")
+    assert not (tmp_path / "out").exists()
