@@ -455,3 +455,91 @@ def test_student_of_a_quantized_teacher_config_is_saved_unquantized(tmp_path):
     assert "quantization_config" not in student_config.to_dict()
     AutoModelForCausalLM.from_config(student_config).save_pretrained(tmp_path / "student")
     assert config.quantization_config["quant_method"] == "gguf"  # the teacher's own config is left as it was
+
+
+# --- init-student checks what train checks: the tokenizer's ids, the calibration data's, the weights file ---
+
+def _other_vocabulary(tmp_path, n_words: int = 91):
+    """A tokenizer as large as the tiny teachers' (96 tokens) whose ids mean other tokens (RoBERTa-style specials
+    first, so [CLS] is not 2 and w0 is not 5)."""
+    from tiny_tokenizers import word_level_tokenizer
+
+    return word_level_tokenizer(tmp_path / "other-tokenizer", n_words=n_words, family="roberta")
+
+
+def test_init_checks_calibration_data_of_another_tokenizer_is_refused(tmp_path):
+    from distil.data.prepare import prepare
+    from distil.student import init_student
+    from train_fixtures import corpus_lines, teacher_dir
+
+    teacher = teacher_dir(tmp_path, "bert")
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(corpus_lines(60)) + "\n")
+    other = tmp_path / "calibration-other"
+    prepare([str(text)], str(_other_vocabulary(tmp_path)), str(other), max_length=32, progress=False)
+    with pytest.raises(DistilError, match=f"The data in {other} was prepared with another tokenizer"):
+        init_student(str(teacher), str(tmp_path / "s"), None, 2, hidden_size=16, calibration_data=str(other))
+    assert not (tmp_path / "s").exists()
+    own = tmp_path / "calibration-own"
+    prepare([str(text)], str(teacher), str(own), max_length=32, progress=False)
+    summary = init_student(str(teacher), str(tmp_path / "s"), None, 2, hidden_size=16, num_heads=2,
+                           calibration_data=str(own))
+    assert summary["width"]["hidden_size"] == 16
+
+
+def test_init_checks_tokenizer_with_another_vocabulary_is_refused(tmp_path):
+    from distil.student import init_student
+    from train_fixtures import teacher_dir
+
+    teacher = teacher_dir(tmp_path, "bert")
+    other = _other_vocabulary(tmp_path)
+    with pytest.raises(DistilError, match=r"gives \d+ of the teacher's 96 tokens another id or none \('\[PAD\]' is 0 "
+                                          r"for the teacher, None here"):
+        init_student(str(teacher), str(tmp_path / "s"), None, 1, tokenizer=str(other))
+    larger = _other_vocabulary(tmp_path / "larger", n_words=120)
+    with pytest.raises(DistilError, match="The tokenizer has 125 tokens but the teacher only 96 embeddings"):
+        init_student(str(teacher), str(tmp_path / "s"), None, 1, tokenizer=str(larger))
+    assert not (tmp_path / "s").exists()
+    # A teacher saved without a tokenizer: only the size can be checked, and it is.
+    bare = tmp_path / "bare-teacher"
+    tiny_bert(num_layers=2).save_pretrained(bare)
+    with pytest.raises(DistilError, match="The tokenizer has 125 tokens but the teacher only 96 embeddings"):
+        init_student(str(bare), str(tmp_path / "s"), None, 1, tokenizer=str(larger))
+
+
+def test_init_checks_tokenizer_that_adds_a_special_token_within_padded_rows_is_kept(tmp_path):
+    """Train accepts a tokenizer smaller than padded output layers; init-student saves such a tokenizer as is."""
+    from transformers import AutoTokenizer
+
+    from distil.student import init_student
+    from train_fixtures import teacher_dir
+
+    teacher = teacher_dir(tmp_path, "bert")
+    padded = tmp_path / "padded-teacher"
+    model = tiny_bert(num_layers=2)
+    model.resize_token_embeddings(104)
+    model.save_pretrained(padded)
+    extended = AutoTokenizer.from_pretrained(teacher)
+    extended.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    extended.save_pretrained(tmp_path / "extended")
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(padded)
+    init_student(str(padded), str(tmp_path / "s"), None, 1, tokenizer=str(tmp_path / "extended"))
+    saved = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert len(saved) == 97 and saved.convert_tokens_to_ids("<extra>") == 96
+    with pytest.raises(DistilError, match="The tokenizer has 97 tokens but the teacher only 96 embeddings"):
+        init_student(str(teacher), str(tmp_path / "s2"), None, 1, tokenizer=str(tmp_path / "extended"))
+
+
+@pytest.mark.parametrize("keep", ["half", "header"])
+def test_init_checks_truncated_teacher_weights_name_the_file(tmp_path, keep):
+    from distil.cli import main
+    from distil.student import init_student
+
+    teacher = Path(_save_teacher(tiny_bert(num_layers=2), tmp_path / "t"))
+    weights = teacher / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2 if keep == "half" else 5)
+    with pytest.raises(DistilError, match=f"The weights file {weights} is damaged or incomplete.*Download it again"):
+        init_student(str(teacher), str(tmp_path / "s"), None, 1)
+    assert main(["init-student", str(teacher), "-o", str(tmp_path / "s"), "--num-layers", "1"]) == 2
+    assert not (tmp_path / "s").exists()

@@ -193,9 +193,13 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
         dtype = dtype or torch.float32
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from safetensors import SafetensorError
+
     try:
         transformers_logging.disable_progress_bar()  # one bar per weight file; distil logs what it loads
         model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except SafetensorError as exc:
+        raise damaged_weights_error(name_or_path, source, exc) from None
     except ValueError as exc:
         msg = first_line(exc)
         if "Unrecognized configuration class" in msg or "does not recognize" in msg:
@@ -211,6 +215,27 @@ def load_model(name_or_path: str, auto_class, dtype=None, gguf_file: str | None 
             "Point to a save_pretrained directory (config.json + model.safetensors), a .gguf file, or a hub id."
         ) from None
     return model, info
+
+
+def damaged_weights_error(name_or_path: str, source: str, exc: BaseException) -> DistilError:
+    """A weights file that safetensors cannot read (cut short by an interrupted download or copy, or not a
+    safetensors file at all), named when the model is a local directory."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = []
+    directory = Path(source).expanduser()
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            damaged.append(str(path))
+    where = f"The weights file {' and '.join(damaged)}" if damaged else f"A weights file of {name_or_path}"
+    return DistilError(
+        f"{where} is damaged or incomplete: safetensors cannot read it ({first_line(exc)}) It was probably cut short "
+        "by an interrupted download or copy. Download it again (for a hub model, delete its folder in the hub cache) "
+        "or save the model again with save_pretrained."
+    )
 
 
 def vocab_size_of(model_config) -> int:

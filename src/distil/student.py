@@ -138,13 +138,13 @@ def init_student(
     width = _resolve_width(config, hidden_size, intermediate_size, num_heads, calibration_data)
     _refuse_output_over_teacher(teacher, output_dir)  # first: its message says more than check_output_dir's
     check_output_dir(output_dir, overwrite)  # fail before the slow load; atomic_output_dir checks again
+    tokenizer = _student_tokenizer(teacher, config, tokenizer, output_dir, calibration_data if width else None)
 
     auto_class = _auto_class_for(config)
     logger.info("Loading teacher %s as %s", teacher, auto_class.__name__)
     model, info = load_model(teacher, auto_class, config=config)  # reusing the config skips a second GGUF parse
     model.eval()
     had_head = _check_teacher_weights(model, info, teacher)
-    tokenizer = load_tokenizer(tokenizer) if tokenizer else _try_load_tokenizer(teacher, output_dir)
 
     if arch == "distilbert":
         student = bert_to_distilbert(model, chosen)
@@ -302,16 +302,37 @@ def _check_teacher_weights(model, info: dict, teacher: str) -> bool:
     return not head_missing
 
 
-def _try_load_tokenizer(teacher: str, output_dir: str):
+def _student_tokenizer(teacher: str, config, tokenizer: str | None, output_dir: str, calibration_data: str | None):
+    """The tokenizer to save with the student, checked as train checks it: its ids are the teacher's (and so are
+    those of the calibration data, when width pruning reads it)."""
+    from distil.checks import check_data_matches_any, check_student_tokenizer
+
+    teacher_tokenizer = _try_load_tokenizer(teacher, output_dir, warn=tokenizer is None)
+    given = load_tokenizer(tokenizer) if tokenizer else None
+    if given is not None:
+        check_student_tokenizer(given, teacher_tokenizer, config, tokenizer, teacher)
+    if calibration_data is not None:
+        known = [t for t in (teacher_tokenizer, given) if t is not None]
+        if not known:
+            raise DistilError(
+                f"The teacher {teacher} has no tokenizer, so nothing tells whether the calibration data "
+                f"{calibration_data} holds its token ids. Give the teacher's tokenizer with --tokenizer NAME_OR_DIR."
+            )
+        check_data_matches_any(calibration_data, known)
+    return given if given is not None else teacher_tokenizer
+
+
+def _try_load_tokenizer(teacher: str, output_dir: str, warn: bool = True):
     """The teacher's tokenizer, or None (with a warning that says what to do) when the teacher ships none."""
     try:
         return load_tokenizer(teacher)
     except DistilError:
-        logger.warning(
-            "The teacher %s has no tokenizer, so the student in %s gets none: distil prepare, train and evaluate "
-            "will need one named explicitly (--tokenizer, teacher.tokenizer). Run init-student again with "
-            "--tokenizer NAME_OR_DIR (the teacher's tokenizer) to save it with the student.", teacher, output_dir
-        )
+        if warn:
+            logger.warning(
+                "The teacher %s has no tokenizer, so the student in %s gets none: distil prepare, train and evaluate "
+                "will need one named explicitly (--tokenizer, teacher.tokenizer). Run init-student again with "
+                "--tokenizer NAME_OR_DIR (the teacher's tokenizer) to save it with the student.", teacher, output_dir
+            )
         return None
 
 

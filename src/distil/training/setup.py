@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distil.checks import check_data_matches_tokenizer, check_vocabularies  # noqa: F401 (setup.check_...)
 from distil.config import TrainConfig
 from distil.data import shards
 from distil.data.masking import MLMMasker, mask_probabilities
@@ -268,54 +269,6 @@ def _override_dropout(model_config, value: float | None) -> dict:
         log.warning("run.dropout=%g is not applied: the student config (%s) has no dropout setting, so its dropout, "
                     "if it has any, stays as built", value, getattr(model_config, "model_type", "") or "no model type")
     return original
-
-
-def check_vocabularies(teacher_config, student_config, tokenizer, config: TrainConfig,
-                       student_dir: str | None = None) -> int | None:
-    """None when the output layers match; the tokenizer's size when they differ only by padding (both cover every
-    id of the shared tokenizer: soft targets then compare the tokenizer's ids only); else a clear refusal."""
-    t, s = vocab_size_of(teacher_config), vocab_size_of(student_config)
-    n = len(tokenizer)
-    if n > min(t, s):
-        who = "the teacher" if t < n else "the student"
-        raise DistilError(
-            f"The tokenizer has {n} tokens but {who} only {min(t, s)} embeddings: ids above {min(t, s) - 1} would crash. "
-            "Use the tokenizer that belongs to the teacher (teacher.tokenizer), and a student built from the teacher "
-            "(distil init-student) or with a vocabulary at least as large."
-        )
-    if t == s:
-        return None
-    if _own_tokenizer_differs(student_dir, tokenizer):
-        raise DistilError(
-            f"The teacher's vocabulary has {t} entries and the student's {s}, and the student's own tokenizer is not the "
-            "teacher's: soft targets compare the two distributions id by id, so they need the same tokenizer. Build "
-            "the student from the teacher (distil init-student) or give it the teacher's tokenizer."
-        )
-    log.warning("The output layers differ by padding only (teacher %d rows, student %d, tokenizer %d ids): the "
-                "logit losses compare the tokenizer's %d ids; the padding rows are never predicted.", t, s, n, n)
-    return n
-
-
-def _own_tokenizer_differs(student_dir: str | None, tokenizer) -> bool:
-    if not student_dir or not Path(student_dir).is_dir():
-        return False
-    try:
-        own = load_tokenizer(student_dir)
-    except DistilError:
-        return False  # a student without a tokenizer of its own uses the teacher's
-    return shards.vocabulary_fingerprint(own) != shards.vocabulary_fingerprint(tokenizer)
-
-
-def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> None:
-    manifest = shards.read_manifest(data_dir)
-    expected = shards.vocabulary_fingerprint(tokenizer)
-    got = manifest["tokenizer"]["vocab_fingerprint"]
-    if expected != got:
-        raise DistilError(
-            f"The data in {data_dir} was prepared with another tokenizer ({manifest['tokenizer']['name_or_path']}, "
-            f"{manifest['vocab_size']} tokens) than the teacher's ({len(tokenizer)} tokens): token ids would mean "
-            "different words. Run distil prepare again with --tokenizer set to the teacher."
-        )
 
 
 def learned_position_limit(model: torch.nn.Module) -> int | None:
