@@ -287,3 +287,30 @@ def test_small_inputs_task_device_and_max_length(tmp_path):
             distil.run_task("classification", str(student), None, None, str(tmp_path / "out"), max_length=max_length,
                             device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_small_inputs_store_max_length_advice_can_be_followed(tmp_path):
+    """The teacher store's mismatch message names a value the parser takes (null) and flags that exist."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from distil.teacher_cache import format as store_format
+    from distil.teacher_cache.training import check_store_matches_data
+    from train_fixtures import prepared_data, teacher_dir
+
+    data = prepared_data(tmp_path, teacher_dir(tmp_path, "bert"), n_lines=40)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"teacher: {{path: t}}\ndata: {{path: {data}}}\n")
+    lengths = np.array([5, 7])
+
+    def store(max_length):
+        manifest = {"split": "train", "data": {"fingerprint": store_format.data_fingerprint(data, "train"),
+                                               "max_length": max_length}}
+        return SimpleNamespace(manifest=manifest, root="STORE", lengths=lambda: lengths)
+
+    with pytest.raises(DistilError, match=r"Set data.max_length=null, or write the store with --max-length 16\.$"):
+        check_store_matches_data(load_config(recipe, ["data.max_length=16"]), store(None), lengths)
+    check_store_matches_data(load_config(recipe, ["data.max_length=16", "data.max_length=null"]), store(None), lengths)
+    with pytest.raises(DistilError, match=r"Set data.max_length=16, or write the store without --max-length\.$"):
+        check_store_matches_data(load_config(recipe), store(16), lengths)

@@ -234,3 +234,74 @@ def test_max_length_truncation_keeps_the_closing_token(tmp_path, family, prefix,
     assert all(seq[-len(suffix):].tolist() == suffix and len(seq) <= 8 for seq in heldout.sequences)
     with pytest.raises(DistilError, match="leaves no room for text"):
         TokenSequences(tmp_path / "out", "train", max_length=2)
+
+
+def test_small_inputs_heldout_that_takes_every_line_is_named(tmp_path, bert_tok):
+    text = write(tmp_path / "c.txt", [words(*range(i, i + 14)) for i in range(30)])
+    with pytest.raises(DistilError, match=r"No training sequences were left: the held-out draw \(--heldout 0.999\) "
+                                          r"kept 30 sequences of the 30 lines read apart.*Lower --heldout"):
+        prepare([str(text)], str(bert_tok), str(tmp_path / "out"), heldout_fraction=0.999, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _long_line(n_words: int, seed: int = 0) -> str:
+    """One line of word-level tokens with single and double spaces between them."""
+    rng = np.random.default_rng(seed)
+    gaps = np.where(rng.random(n_words) < 0.2, "  ", " ")
+    return "".join(f"w{w}{gap}" for w, gap in zip(rng.integers(0, 50, n_words), gaps)).strip()
+
+
+def test_small_inputs_long_line_is_tokenized_in_bounded_pieces(tmp_path, bert_tok, monkeypatch):
+    """A line of hundreds of KB reaches the tokenizer as pieces of at most ~PIECE_CHARS (its cost per character grows
+    with the text's length, and one text is encoded on one thread), and gives exactly the whole line's ids."""
+    from distil.data import prepare as prepare_module
+    from distil.loading import load_tokenizer
+
+    line = _long_line(60_000)
+    assert len(line) > 20 * prepare_module.PIECE_CHARS
+    encoder = load_tokenizer(str(bert_tok)).backend_tokenizer
+    assert prepare_module.cuts_are_exact(encoder)
+    calls = []
+    real = prepare_module._encode_batch
+    monkeypatch.setattr(prepare_module, "_encode_batch", lambda enc, texts: calls.append(list(map(len, texts)))
+                        or real(enc, texts))
+    short = words(1, 2, 3)
+    ids = prepare_module.encode_lines(encoder, [short, line, short], prepare_module.PIECE_CHARS)
+    assert len(calls) == 1 and len(calls[0]) > 20
+    assert max(calls[0]) <= prepare_module.PIECE_CHARS + 1 and sum(calls[0]) == len(line) + 2 * len(short)
+    assert ids[1] == encoder.encode(line, add_special_tokens=False).ids
+    assert ids[0] == ids[2] == [n + 5 for n in (1, 2, 3)]
+
+
+def test_small_inputs_long_line_prepares_the_same_shards_as_unsplit(tmp_path, bert_tok, monkeypatch):
+    from distil.data import prepare as prepare_module
+
+    text = write(tmp_path / "c.txt", [words(*range(20)), _long_line(5_000, seed=1), words(*range(5, 30))])
+    prepare([str(text)], str(bert_tok), str(tmp_path / "pieces"), max_length=64, progress=False)
+    monkeypatch.setattr(prepare_module, "LONG_LINE_CHARS", 10 ** 9)
+    prepare([str(text)], str(bert_tok), str(tmp_path / "whole"), max_length=64, progress=False)
+    for name in ("train.tokens.bin", "train.offsets.bin", "token_counts.npy", "manifest.json"):
+        pieces, whole = (tmp_path / "pieces" / name).read_bytes(), (tmp_path / "whole" / name).read_bytes()
+        assert pieces.replace(b"pieces", b"whole") == whole, name
+
+
+def test_small_inputs_split_at_spaces_cuts_before_the_last_space_of_a_run():
+    from distil.data.prepare import split_at_spaces
+
+    assert split_at_spaces("aaaa bbbb   cccc dddd", 6) == ["aaaa", " bbbb  ", " cccc", " dddd"]
+    assert "".join(split_at_spaces("x" * 50 + " y z", 10)) == "x" * 50 + " y z"
+    assert split_at_spaces("x" * 50, 10) == ["x" * 50]  # nowhere to cut: whole
+
+
+def test_small_inputs_tokenizer_that_reads_pieces_differently_gets_whole_lines():
+    """A normalizer that prepends a marker to every text it is given would add one per piece: such a tokenizer is
+    detected, and its long lines are encoded whole."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from distil.data.prepare import cuts_are_exact
+
+    vocab = {"[UNK]": 0, "▁": 1, **{ch: i + 2 for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    prepending = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    prepending.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    prepending.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    assert not cuts_are_exact(prepending)

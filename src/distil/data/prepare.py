@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -192,6 +193,66 @@ def frame_and_clean(
     return out, framed_lens
 
 
+# The tokenizer's time per character grows with the length of the text it is given (about 3x from a few KB to
+# MBs, measured) and one text is encoded on one thread: a multi-MB line took ~40x longer per byte than the same
+# text as many lines. Lines longer than LONG_LINE_CHARS are therefore encoded as pieces of about PIECE_CHARS,
+# cut where the tokenizer's pre-tokenizer splits anyway, and their ids put back together.
+LONG_LINE_CHARS = 1 << 14
+PIECE_CHARS = 1 << 13
+_SPACE_BEFORE_WORD = re.compile(r" (?=\S)")
+# Spaces of every kind the pre-tokenizers treat differently: runs, punctuation, digits, accents, CJK, specials.
+_CUT_PROBE = ("Hello  world, it's 2024: naïve café costs $3.50 -- don't   stop!  東京 and [MASK] tokens; e-mail "
+              "x@y.z 12345678 done.\tTabs\tand UPPER lower MiXeD. ") * 4
+
+
+def split_at_spaces(text: str, piece_chars: int) -> list[str]:
+    """`text` in pieces of at most about `piece_chars` characters, each cut just before a space that is followed by
+    a word (the last space of a run), so the next piece starts with " word" as the pre-tokenizer would see it. A
+    stretch without such a space stays whole."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        at = text.rfind(" ", start + 1, start + piece_chars)
+        while at > start and text[at + 1].isspace():
+            at = text.rfind(" ", start + 1, at)
+        if at <= start:
+            match = _SPACE_BEFORE_WORD.search(text, start + piece_chars)
+            if match is None:
+                break
+            at = match.start()
+        pieces.append(text[start:at])
+        start = at
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_batch(encoder, texts: list[str]) -> list[list[int]]:
+    return [enc.ids for enc in encoder.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_lines(encoder, lines: list[str], piece_chars: int | None) -> list[list[int]]:
+    """Token ids of each line; lines longer than LONG_LINE_CHARS are encoded in pieces (see split_at_spaces)."""
+    if piece_chars is None or all(len(line) <= LONG_LINE_CHARS for line in lines):
+        return _encode_batch(encoder, lines)
+    texts, owners = [], []
+    for index, line in enumerate(lines):
+        pieces = split_at_spaces(line, piece_chars) if len(line) > LONG_LINE_CHARS else [line]
+        texts.extend(pieces)
+        owners.extend([index] * len(pieces))
+    ids: list[list[int]] = [[] for _ in lines]
+    for owner, piece_ids in zip(owners, _encode_batch(encoder, texts)):
+        ids[owner].extend(piece_ids)
+    return ids
+
+
+def cuts_are_exact(encoder) -> bool:
+    """Whether text cut by split_at_spaces encodes to the same ids as the whole text. True for tokenizers whose
+    pre-tokenizer splits at spaces (BERT's, byte-level BPE, Metaspace); not for one that prepends a marker to every
+    text it is given, or has no pre-tokenizer at all (merges may then cross spaces)."""
+    whole = _encode_batch(encoder, [_CUT_PROBE])[0]
+    cut = [i for ids in _encode_batch(encoder, split_at_spaces(_CUT_PROBE, 8)) for i in ids]
+    return cut == whole
+
+
 def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for line in lines:
@@ -291,8 +352,12 @@ def prepare(
     cleaning = CleaningStats()
     rng = np.random.default_rng(seed)
 
+    piece_chars = PIECE_CHARS if cuts_are_exact(encoder) else None
+    if piece_chars is None:
+        log.info("This tokenizer reads text cut at spaces differently from whole text: long lines are tokenized whole.")
+
     def encode(batch: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in encoder.encode_batch(batch, add_special_tokens=False)]
+        return encode_lines(encoder, batch, piece_chars)
 
     with atomic_output_dir(output_dir, overwrite, command="prepare") as tmp, \
             disk_space_errors(tmp, lambda: _expected_output_bytes(tmp, plan, read_stats), partial=tmp):
@@ -320,6 +385,14 @@ def prepare(
                 bar.update(plan.position(read_stats) - bar.n)
         bar.close()
         split_stats = {name: w.close() for name, w in writers.items()}
+        if split_stats["train"]["sequences"] == 0 and heldout_fraction > 0 and split_stats["heldout"]["sequences"]:
+            raise DistilError(
+                f"No training sequences were left: the held-out draw (--heldout {heldout_fraction}) kept "
+                f"{split_stats['heldout']['sequences']} sequences of the {read_stats.lines} lines read apart, and the "
+                f"rest (if any) was dropped by cleaning ({cleaning.dropped_short} shorter than --min-length "
+                f"{min_length}, {cleaning.dropped_unknown} mostly unknown tokens). Lower --heldout (0.01 keeps 1% of "
+                "the lines apart) or give more text."
+            )
         if split_stats["train"]["sequences"] == 0:
             raise DistilError(
                 f"No training sequences were left after cleaning ({read_stats.lines} lines read, "

@@ -171,7 +171,9 @@ def check_store_matches_data(config, store: TeacherStore, train_lengths: np.ndar
     if m["data"].get("max_length") != config.data.max_length or not np.array_equal(store.lengths(), train_lengths):
         _refuse(f"The store {root} holds sequences cut at max_length {m['data'].get('max_length')}, but "
                 f"data.max_length is {config.data.max_length}: the positions differ. Set data.max_length="
-                f"{m['data'].get('max_length')}, or write the store with --max-length {config.data.max_length}.")
+                f"{'null' if m['data'].get('max_length') is None else m['data'].get('max_length')}, or write the "
+                "store " + ("without --max-length." if config.data.max_length is None
+                            else f"with --max-length {config.data.max_length}."))
 
 
 def load_models_from_cache(config, student_dir: str, device: torch.device):
