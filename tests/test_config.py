@@ -314,3 +314,13 @@ def test_small_inputs_store_max_length_advice_can_be_followed(tmp_path):
     check_store_matches_data(load_config(recipe, ["data.max_length=16", "data.max_length=null"]), store(None), lengths)
     with pytest.raises(DistilError, match=r"Set data.max_length=16, or write the store without --max-length\.$"):
         check_store_matches_data(load_config(recipe), store(16), lengths)
+
+
+def test_non_finite_task_recipe_value_is_refused_naming_the_option(tmp_path, capsys):
+    """A task recipe's values bypass the flags' parsing (they become defaults): run_task checks them itself."""
+    from distil.cli import main
+
+    recipe = tmp_path / "task.yaml"
+    recipe.write_text(f"student: {tmp_path / 'no-student'}\noutput_dir: {tmp_path / 'out'}\nlr: .nan\n")
+    assert main(["task", "classification", "--recipe", str(recipe)]) == 2
+    assert "The task option lr (--lr) must be > 0 (a finite number), got nan." in capsys.readouterr().err
