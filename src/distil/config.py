@@ -240,6 +240,7 @@ def _check_float_values(section, f: dataclasses.Field, where: str) -> None:
     if value is None:
         return
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = "null (unset)" if default is None else default
     why = " Loss weights must be >= 0 (0 leaves the term out)." if f.name.startswith("alpha_") else ""
     for element in value if isinstance(value, list) else [value]:
         check_number(f"Recipe key {key}" + (" (each element)" if isinstance(value, list) else ""), element,
