@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from distil.training.setup import _override_dropout
+from distil.training.models import override_dropout
 
 VOCAB = 96
 
@@ -69,7 +69,7 @@ def _forwards(config, sentence_encoder: bool = False) -> tuple[torch.Tensor, tor
 def test_dropout_override_zero_makes_train_forward_equal_eval(name):
     config = _config(name, 0.1)
     assert not torch.equal(*_forwards(config)), "the tiny model must show its dropout at 0.1"
-    original = _override_dropout(config, 0.0)
+    original = override_dropout(config, 0.0)
     assert original and all(getattr(config, key) == 0.0 for key in original)
     trained, evaluated = _forwards(config)
     assert torch.equal(trained, evaluated)
@@ -79,22 +79,22 @@ def test_dropout_override_zero_makes_train_forward_equal_eval(name):
 def test_dropout_override_turns_dropout_on(name):
     config = _config(name, 0.0)
     assert torch.equal(*_forwards(config))
-    _override_dropout(config, 0.1)
+    override_dropout(config, 0.1)
     assert not torch.equal(*_forwards(config))
 
 
 def test_dropout_override_sentence_encoder():
     """The sentence recipes train the bare BERT encoder (hidden states only)."""
     config = _config("bert", 0.1)
-    _override_dropout(config, 0.0)
+    override_dropout(config, 0.0)
     assert torch.equal(*_forwards(config, sentence_encoder=True))
 
 
 def test_dropout_override_returns_what_it_replaced_and_logs_it(caplog):
     config = _config("gpt2", 0.1)
     config.summary_first_dropout = 0.3
-    with caplog.at_level(logging.INFO, logger="distil.training.setup"):
-        original = _override_dropout(config, 0.0)
+    with caplog.at_level(logging.INFO, logger="distil.training.models"):
+        original = override_dropout(config, 0.0)
     assert original == {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "summary_first_dropout": 0.3}
     assert all(getattr(config, key) == 0.0 for key in original)
     message = " ".join(r.getMessage() for r in caplog.records)
@@ -105,7 +105,7 @@ def test_dropout_override_sets_whole_number_values_from_json():
     """A config.json may hold a probability as 0 (an int): it is a dropout all the same."""
     config = _config("llama", 0.0)
     config.attention_dropout = 0
-    assert _override_dropout(config, 0.1) == {"attention_dropout": 0}
+    assert override_dropout(config, 0.1) == {"attention_dropout": 0}
     assert config.attention_dropout == 0.1
 
 
@@ -113,14 +113,14 @@ def test_dropout_override_leaves_unset_and_non_probability_values():
     config = _config("bert", 0.1)
     config.classifier_dropout = None  # None means "use hidden_dropout_prob": left to mean that
     config.use_dropout_flag = True    # a switch, not a probability
-    _override_dropout(config, 0.0)
+    override_dropout(config, 0.0)
     assert config.classifier_dropout is None and config.use_dropout_flag is True
-    assert _override_dropout(config, None) == {}
+    assert override_dropout(config, None) == {}
 
 
 def test_dropout_override_says_when_a_model_has_no_dropout_setting(caplog):
     from transformers import PretrainedConfig
 
-    with caplog.at_level(logging.WARNING, logger="distil.training.setup"):
-        assert _override_dropout(PretrainedConfig(), 0.0) == {}
+    with caplog.at_level(logging.WARNING, logger="distil.training.models"):
+        assert override_dropout(PretrainedConfig(), 0.0) == {}
     assert any("no dropout" in r.getMessage() for r in caplog.records)

@@ -191,7 +191,7 @@ def test_output_lock_second_train_into_one_run_dir_is_refused(workspace):
         wait_for(run_dir / "metrics.jsonl", first, seconds=240)  # the first run is training
         with pytest.raises(DistilError, match=rf"{run_dir} is being written by distil train \(process {first.pid} "):
             train(load_config(recipe))
-        code, (_out, err) = first.wait(timeout=300), first.communicate()
+        code, (_, err) = first.wait(timeout=300), first.communicate()
     finally:
         if first.poll() is None:
             stop(first)

@@ -483,7 +483,7 @@ def test_collate_pads_ids_labels_and_masks():
 
 
 def test_learning_rate_warms_up_then_decays_linearly():
-    from distil.tasks.finetune import linear_warmup_decay
+    from distil.training.optimisation import linear_warmup_decay
 
     factor = linear_warmup_decay(warmup_steps=3, total_steps=10)
     assert [round(factor(step), 4) for step in range(11)] == [

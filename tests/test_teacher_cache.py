@@ -245,7 +245,6 @@ def test_teacher_cache_two_processes_write_the_same_store(workspace):
     """Under torchrun each process writes its slice of shards; the manifest appears once all are there, and the
     store is the one a single process writes."""
     import subprocess
-    import sys
 
     from train_fixtures import subprocess_env, torchrun_command
 

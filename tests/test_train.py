@@ -53,7 +53,9 @@ def test_trained_student_reloads_with_the_same_outputs(workspace):
     from distil.data.dataset import TokenSequences, pad_id_of
     from distil.training.heldout import evaluate_heldout, heldout_batches
     from distil.training.objective import Objective, term_spec_from
-    from distil.training.setup import build_masker, layer_pairs, load_models, make_accelerator
+    from distil.data.masking import build_masker
+    from distil.training.accelerator import make_accelerator
+    from distil.training.models import layer_pairs, load_models
 
     summary, run_dir = run(workspace, "bert", "run-reload", optim={"max_steps": 8})
     config = load_config(run_dir / "recipe.yaml", ["run.overwrite=false"])
@@ -315,7 +317,9 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
     from distil.data.dataset import TokenSequences, pad_id_of
     from distil.training.heldout import evaluate_heldout, heldout_batches
     from distil.training.objective import Objective, term_spec_from
-    from distil.training.setup import layer_pairs, load_models, make_accelerator, student_source
+    from distil.training.accelerator import make_accelerator
+    from distil.training.models import layer_pairs, load_models
+    from distil.training.student_source import student_source
 
     teacher = teacher_dir(workspace, "gpt2")
     data = prepared_data(workspace, teacher, name="data-gpt2")
@@ -338,9 +342,9 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
 
 
 def test_tracker_asked_for_but_missing_is_refused(workspace, monkeypatch):
-    from distil.training import setup
+    from distil.training import accelerator
 
-    monkeypatch.setitem(setup.TRACKER_MODULES, "wandb", ("distil_no_such_tracker", "wandb"))
+    monkeypatch.setitem(accelerator.TRACKER_MODULES, "wandb", ("distil_no_such_tracker", "wandb"))
     with pytest.raises(DistilError, match=r"run.report_to asks for wandb, which is not installed. Install it \(pip install wandb\)"):
         run(workspace, "bert", "run-tracker", run={"report_to": ["wandb"]})
     assert not (workspace / "run-tracker").exists()

@@ -57,7 +57,8 @@ def fit_head(teacher: str, data: str, output_dir: str, steps: int = 300, lr: flo
 
     from distil.config import POSITIVE, TrainConfig, check_number
     from distil.outputs import check_output_dir
-    from distil.training.setup import build_masker, check_data_matches_tokenizer
+    from distil.checks import check_data_matches_tokenizer
+    from distil.data.masking import build_masker
 
     lr = check_number("fit-head's learning rate (lr, --lr)", lr, POSITIVE)
     if steps < 1 or batch_size < 1:

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distil.data import shards
+from distil.errors import DistilError
+
 __all__ = ["mask_probabilities", "MLMMasker", "causal_lm_labels", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -179,3 +182,22 @@ def causal_lm_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
             f"{tuple(input_ids.shape)}."
         )
     return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+def build_masker(config, data_dir: str, manifest: dict, vocab_size: int, tokenizer) -> MLMMasker:
+    """The masker of a recipe (`config.loss`: mlm_probability, mlm_smoothing, mask_replace) for prepared data
+    `data_dir`: its token counts weight the draw, special ids and ids beyond the tokenizer are never masked."""
+    if tokenizer.mask_token_id is None:
+        raise DistilError(
+            "The recipe is masked-LM but the tokenizer has no mask token. Use a causal-LM recipe (alpha_clm) "
+            "for decoder models, or a tokenizer with [MASK] / <mask>."
+        )
+    counts = shards.load_token_counts(data_dir)
+    # A model vocabulary padded beyond the tokenizer gets zero counts for the padding ids.
+    padded = np.zeros(vocab_size, dtype=np.int64)
+    padded[: min(len(counts), vocab_size)] = counts[:vocab_size]
+    specials = [i for i in manifest["special_ids"]["all"] if i < vocab_size]
+    never = specials + list(range(len(counts), vocab_size))
+    probs = mask_probabilities(padded, never, smoothing=config.loss.mlm_smoothing)
+    return MLMMasker(probs, tokenizer.mask_token_id, never, vocab_size, config.loss.mlm_probability,
+                     tuple(config.loss.mask_replace))

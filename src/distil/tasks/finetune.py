@@ -32,6 +32,7 @@ from distil.loading import load_model, load_tokenizer
 from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
 from distil.tasks import task_data
 from distil.tasks.task_losses import qa_distillation_loss, qa_task_loss, task_distillation_loss, task_loss
+from distil.training.optimisation import linear_warmup_decay
 
 log = logging.getLogger(__name__)
 
@@ -381,15 +382,6 @@ def _loss(task: str, student_logits: tuple, teacher_logits: tuple | None, batch,
         return task_loss(student_logits[0], batch["labels"])
     return task_distillation_loss(student_logits[0], teacher_logits[0], batch["labels"], temperature,
                                   alpha_ce, alpha_task)
-
-
-def linear_warmup_decay(warmup_steps: int, total_steps: int):
-    """LR multiplier: rises linearly to 1 over `warmup_steps`, then falls linearly to 0 at `total_steps`."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
 
 
 def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -1,6 +1,6 @@
 """Training from a teacher-signal store (`teacher.cache: DIR`): no teacher model is loaded.
 
-`load_models_from_cache` stands in for `setup.load_models`: it reads the teacher's config and tokenizer from the
+`load_models_from_cache` stands in for `training.models.load_models`: it reads the teacher's config and tokenizer from the
 store (or teacher.path when given, which must be the teacher the store was written with), loads the student, and
 checks, before anything starts, that the store fits the run: the prepared data are the ones it was written for
 (fingerprint and lengths), the vocabularies match, the temperature is the store's, and every loss term can be
@@ -177,11 +177,14 @@ def check_store_matches_data(config, store: TeacherStore, train_lengths: np.ndar
 
 
 def load_models_from_cache(config, student_dir: str, device: torch.device):
-    """setup.load_models for `teacher.cache` runs: the student, the teacher's config and tokenizer, no teacher."""
+    """training.models.load_models for `teacher.cache` runs: the student, the teacher's config and tokenizer, no teacher."""
     from distil.data.dataset import TokenSequences
     from distil.loading import load_config, load_model, load_tokenizer
     from distil.sentence_embeddings import resolve_pooling, teacher_pooling
-    from distil.training import setup
+    from distil.checks import check_data_matches_tokenizer, check_vocabularies
+    from distil.loading import vocab_size_of
+    from distil.model_kinds import auto_class, resolve_objective
+    from distil.training.models import Models, layer_pairs, override_dropout, student_config
 
     loss = config.loss
     store = TeacherStore(config.teacher.cache)
@@ -196,16 +199,16 @@ def load_models_from_cache(config, student_dir: str, device: torch.device):
                     f"({store.manifest.get('teacher_path')}): their configurations differ. Unset teacher.path (the "
                     "store holds the teacher's config and tokenizer) or use the store of this teacher.")
         teacher_config = given
-    objective = setup.resolve_objective(config, teacher_config)
+    objective = resolve_objective(config, teacher_config)
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.path or str(store.teacher_dir))
 
-    student_cfg = setup._student_config(config, student_dir)
-    original_dropout = setup._override_dropout(student_cfg, config.run.dropout)
+    student_cfg = student_config(config, student_dir)
+    original_dropout = override_dropout(student_cfg, config.run.dropout)
     if config.student.config:
         torch.manual_seed(config.run.seed)
-        student = setup._auto_class(objective).from_config(student_cfg)
+        student = auto_class(objective).from_config(student_cfg)
     else:
-        student, _ = load_model(student_dir, setup._auto_class(objective), config=student_cfg, dtype=torch.float32)
+        student, _ = load_model(student_dir, auto_class(objective), config=student_cfg, dtype=torch.float32)
     student.train().to(device)
     init_record = None
     record_path = Path(student_dir) / "distil_init.json" if Path(student_dir).is_dir() and not config.student.config \
@@ -213,12 +216,12 @@ def load_models_from_cache(config, student_dir: str, device: torch.device):
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 
-    vocab_limit = setup.check_vocabularies(teacher_config, student.config, tokenizer, config,
+    vocab_limit = check_vocabularies(teacher_config, student.config, tokenizer, config,
                                            None if config.student.config else student_dir)
-    if vocab_limit is None and store.manifest["vocab_size"] < setup.vocab_size_of(student.config):
+    if vocab_limit is None and store.manifest["vocab_size"] < vocab_size_of(student.config):
         vocab_limit = int(store.manifest["vocab_size"])  # the teacher's padding rows were left out when caching
-    setup.check_data_matches_tokenizer(config.data.path, tokenizer, teacher_config)
-    pairs = setup.layer_pairs(config, student.config, teacher_config, init_record)
+    check_data_matches_tokenizer(config.data.path, tokenizer, teacher_config)
+    pairs = layer_pairs(config, student.config, teacher_config, init_record)
     check_store_terms(config, store, pairs, int(student.config.num_hidden_layers),
                       int(teacher_config.num_hidden_layers))
     check_store_masking(config, store, objective)
@@ -230,7 +233,7 @@ def load_models_from_cache(config, student_dir: str, device: torch.device):
         else teacher_pooling(config.teacher.path or str(store.teacher_dir))
     log.info("Training from the teacher-signal store %s (k=%d, k'=%d, T=%g): no teacher model is loaded",
              store.root, store.k, store.sampled, store.temperature)
-    return setup.Models(teacher=CachedTeacher(teacher_config, store), teacher_has_head=True, student=student,
+    return Models(teacher=CachedTeacher(teacher_config, store), teacher_has_head=True, student=student,
                         student_trained=student if wants_logits else student.base_model, tokenizer=tokenizer,
                         init_record=init_record, original_dropout=original_dropout, objective=objective,
                         vocab_limit=vocab_limit, sentence_pooling=pooling)

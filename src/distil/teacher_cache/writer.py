@@ -8,7 +8,7 @@ accelerate launch, process r writes shards r, r + N, r + 2N, ...; the manifest i
 there. See distil.teacher_cache.format for the layout.
 
 A masked-LM teacher scores masked text, as it does beside a student: each sequence is masked on its own by the
-training masker (distil.training.setup.build_masker, with the recipe's masking settings) and a generator seeded by
+training masker (distil.data.masking.build_masker, with the recipe's masking settings) and a generator seeded by
 the store's seed and the sequence's index, and the masked input and targets are stored for training to reuse.
 """
 
@@ -102,7 +102,7 @@ def _masking_settings(mlm_probability: float | None, mlm_smoothing: float | None
 def _store_masker(masking: dict, data: str, manifest: dict, vocab: int, tokenizer):
     """The masker training builds for these settings (build_masker), over the store's vocabulary."""
     from distil.config import TrainConfig
-    from distil.training.setup import build_masker
+    from distil.data.masking import build_masker
 
     config = TrainConfig()
     config.loss.mlm_probability = masking["mlm_probability"]
@@ -129,19 +129,19 @@ def _load_teacher(teacher: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from distil.loading import load_config, load_model, load_tokenizer
-    from distil.training.setup import _head_missing, _is_bidirectional, _is_causal
+    from distil.model_kinds import head_missing, is_bidirectional, is_causal
 
     config = load_config(teacher)
-    if _is_bidirectional(config):
+    if is_bidirectional(config):
         objective, auto = "mlm", AutoModelForMaskedLM
-    elif _is_causal(config):
+    elif is_causal(config):
         objective, auto = "clm", AutoModelForCausalLM
     else:
         raise DistilError(f"Cannot tell whether the teacher {teacher} ({config.model_type}) is an encoder with an MLM "
                           "head or a causal decoder, so its output distribution cannot be cached.")
     tokenizer = load_tokenizer(teacher)
     model, info = load_model(teacher, auto, dtype=DTYPES[dtype])
-    if _head_missing(info):
+    if head_missing(info):
         raise DistilError(f"The teacher {teacher} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint "
                           "holds only the encoder), so its output distribution would be a random head's. Cache a "
                           "teacher with its head (distil fit-head gives a headless encoder one).")
@@ -320,7 +320,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     Returns the manifest when the store is complete (this process wrote the last shards), else the plan with
     `"finished": False` (other processes, or slices given by rank/world, still have shards to write)."""
     from distil.loading import hidden_size_of, vocab_size_of
-    from distil.training.setup import check_data_matches_tokenizer
+    from distil.checks import check_data_matches_tokenizer
 
     hidden_states = None if hidden_states in (None, "none") else hidden_states
     _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states, logprobs)

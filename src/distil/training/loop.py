@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from distil.config import TrainConfig
 from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
+from distil.data.masking import build_masker
 from distil.errors import DistilError
 from distil.metrics_log import MetricsLog
 from distil.outputs import check_writable, output_lock
@@ -35,10 +36,10 @@ from distil.training.parallel import fsdp_requested, held_megabytes, make_parall
 from distil.training.projections import add_projections
 from distil.training.recipe_changes import check_resume_recipe, check_resume_schedule
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
-from distil.training.setup import (build_masker, build_optimizer, build_scheduler, check_positions,
-                                   discarded_on_error, freeze_embeddings, fused_projections,
-                                   layer_pairs, load_models, make_accelerator, schedule_shape, seed_everything,
-                                   student_source)
+from distil.training.accelerator import make_accelerator, seed_everything
+from distil.training.models import check_positions, freeze_embeddings, fused_projections, layer_pairs, load_models
+from distil.training.optimisation import build_optimizer, build_scheduler, schedule_shape
+from distil.training.student_source import discarded_on_error, student_source
 
 log = logging.getLogger(__name__)
 

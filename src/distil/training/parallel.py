@@ -112,7 +112,7 @@ class FullyShardedDataParallel:
         _shard(trained, mixed, reshard_after_forward=True)
         if self.config.teacher.fsdp == "shard":
             _shard(models.teacher, mixed, reshard_after_forward=True)
-        # Loaded on the host (setup.load_models): only each process's shards move to its device.
+        # Loaded on the host (training.models.load_models): only each process's shards move to its device.
         for model in {id(m): m for m in (models.student, models.teacher)}.values():
             model.to(self.acc.device)
         log.info("FSDP: student%s sharded over %d processes (each block, then the root)",

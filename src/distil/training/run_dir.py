@@ -71,7 +71,7 @@ def start_run_dir(run_dir: Path, config: TrainConfig, student_init: Path | None)
     """Create (or, with run.overwrite, replace) the run directory once every start-up check has passed: move in the
     student-init built beside it, and record the recipe the run really is. Main process only."""
     from distil.config import dump_config
-    from distil.training.setup import keep_student_init
+    from distil.training.student_source import keep_student_init
 
     if config.run.overwrite and run_dir.exists():
         check_output_dir(run_dir, overwrite=True, flag="run.overwrite=true")  # again: files may have appeared since

@@ -1,0 +1,61 @@
+"""What kind of language model a checkpoint is, and which transformers class loads it: shared by training, the
+teacher-signal store and every command that loads a teacher."""
+
+from __future__ import annotations
+
+from distil.config import TrainConfig
+from distil.errors import DistilError
+
+
+def auto_class(objective: str, base: bool = False):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if base:
+        return AutoModel
+    return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+
+
+def is_bidirectional(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def is_causal(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def resolve_objective(config: TrainConfig, teacher_config) -> str:
+    """mlm or clm: loss.objective, or (auto) the teacher's own, checked against the teacher and the loss weights."""
+    loss, name = config.loss, config.teacher.path
+    encoder = is_bidirectional(teacher_config)
+    objective = loss.objective
+    if objective == "auto":
+        if not (encoder or is_causal(teacher_config)):
+            raise DistilError(
+                f"Cannot tell whether the teacher {name} ({teacher_config.model_type}) is an encoder or a decoder. "
+                "Set loss.objective to mlm (masked-LM, bidirectional encoders) or clm (causal-LM, decoders)."
+            )
+        objective = "mlm" if encoder else "clm"
+    kind = f"a bidirectional {teacher_config.model_type} encoder" if encoder else f"a {teacher_config.model_type} decoder"
+    if (objective == "clm" or loss.alpha_clm > 0) and encoder:
+        raise DistilError(
+            f"The recipe is causal-LM (loss.objective=clm or loss.alpha_clm > 0) but the teacher {name} is {kind}, "
+            "which sees every position at once. Use a decoder teacher (GPT-2, Llama, ...), or a masked-LM recipe: "
+            "loss.objective=auto (or mlm) with alpha_mlm instead of alpha_clm."
+        )
+    if (objective == "mlm" or loss.alpha_mlm > 0) and not encoder:
+        raise DistilError(
+            f"The recipe is masked-LM (loss.objective=mlm or loss.alpha_mlm > 0) but the teacher {name} is {kind}, "
+            "which never saw masked tokens. Use loss.objective=auto (or clm) with alpha_clm instead of alpha_mlm."
+        )
+    if objective == "clm" and loss.restrict_ce_to_mask:
+        raise DistilError("loss.restrict_ce_to_mask applies to masked-LM runs only; unset it for causal-LM recipes.")
+    return objective
+
+
+def head_missing(info: dict) -> bool:
+    head_words = ("cls.", "lm_head", "vocab_", "predictions", "pred_layer")
+    return any(any(w in key for w in head_words) for key in info.get("missing_keys", []))
