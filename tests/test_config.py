@@ -296,7 +296,7 @@ def test_small_inputs_store_max_length_advice_can_be_followed(tmp_path):
     import numpy as np
 
     from distil.teacher_cache import format as store_format
-    from distil.teacher_cache.training import check_store_matches_data
+    from distil.training.store_run import check_store_matches_data
     from train_fixtures import prepared_data, teacher_dir
 
     data = prepared_data(tmp_path, teacher_dir(tmp_path, "bert"), n_lines=40)

@@ -81,7 +81,7 @@ def test_mlm_store_soft_targets_are_the_teachers_on_the_masked_input(mlm_store):
 def _live_and_cached_losses(store_dir, teacher, data, indices, restrict: bool, divergence: str = "forward_kl"):
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    from distil.teacher_cache.training import CachedObjective, CachedTeacher, StoredMasks
+    from distil.training.store_run import CachedObjective, CachedTeacher, StoredMasks
     from distil.training.objective import Objective, TermSpec, build_step
 
     store = TeacherStore(store_dir)

@@ -1,4 +1,4 @@
-"""The store's sparse head (teacher_cache.sparse_head): the model's own logit transform applied as in the live
+"""The store's sparse head (training.sparse_head): the model's own logit transform applied as in the live
 fused head, and a closed-form gradient equal to the float64 plain formulation at confident-student extremes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from distil.losses.divergences import DIVERGENCES
 from distil.losses.sparse import LOG_FLOOR, SparseTargets, sparse_soft_target_sum
 from distil.teacher_cache.signals import sparse_signals
-from distil.teacher_cache.sparse_head import SparseHeadTerms, sparse_head_losses
+from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
 from distil.training.fused_head import LogitTransform, output_projection
 from distil.training.objective import TermSpec, build_step
 from test_fused_head_softcap import tiny_causal
@@ -59,7 +59,7 @@ def _objective_terms(student, objective, batch):
 def test_sparse_transform_store_head_equals_plain_for_every_divergence(student_kind, divergence):
     """Training from a store: the sparse fused head gives the values and gradients of the plain path, which uses
     the model's own (transformed) logits, for every divergence and every kind of transform."""
-    from distil.teacher_cache.training import CachedObjective, CachedTeacher
+    from distil.training.store_run import CachedObjective, CachedTeacher
 
     settings = dict(STUDENTS[student_kind])
     student = tiny_causal(settings.pop("model_type"), 2, 3, **settings)

@@ -133,7 +133,7 @@ def test_teacher_cache_sparse_head_equals_plain_formulation(case, T):
     """The chunked sparse head (output layer + sparse soft targets + cross-entropy) = the plain losses, values and
     gradients, with rows left out of the soft-target term and rows without a label."""
     from distil.losses import masked_lm_loss
-    from distil.teacher_cache.sparse_head import SparseHeadTerms, sparse_head_losses
+    from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
 
     gen = torch.Generator().manual_seed(5)
     n, d, vocab = 300, 12, 40

@@ -1,7 +1,9 @@
-"""What kind of language model a checkpoint is, and which transformers class loads it: shared by training, the
-teacher-signal store and every command that loads a teacher."""
+"""What kind of language model a checkpoint is, which transformers class loads it, and how many positions it takes:
+shared by training, the teacher-signal store and every command that loads a teacher."""
 
 from __future__ import annotations
+
+import torch
 
 from distil.config import TrainConfig
 from distil.errors import DistilError
@@ -59,3 +61,12 @@ def resolve_objective(config: TrainConfig, teacher_config) -> str:
 def head_missing(info: dict) -> bool:
     head_words = ("cls.", "lm_head", "vocab_", "predictions", "pred_layer")
     return any(any(w in key for w in head_words) for key in info.get("missing_keys", []))
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many positions a model with a learned position table can take (None: rotary or relative positions,
+    which have no hard limit). RoBERTa's table starts after its padding index, so it holds two fewer."""
+    for name, module in model.named_modules():
+        if name.endswith(("position_embeddings", "wpe")) and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+    return None

@@ -30,7 +30,7 @@ from distil.outputs import check_writable, output_lock
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.on_policy import OnPolicy
-from distil.teacher_cache.training import objective_for, stored_masks_of
+from distil.training.store_run import load_models_from_cache, objective_for, stored_masks_of
 from distil.training.objective import build_step, term_spec_from
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
@@ -113,7 +113,8 @@ def _train(config: TrainConfig, acc) -> dict:
 
     student_dir, student_init = student_source(config, run_dir, is_main, acc.wait_for_everyone)
     with discarded_on_error(student_init if is_main else None):
-        models = load_models(config, student_dir, device)
+        load = load_models_from_cache if config.teacher.cache else load_models  # a store stands in for the teacher
+        models = load(config, student_dir, device)
         check_positions(models, max(int(train_data.lengths.max()), int(heldout.lengths.max()) if heldout else 0),
                         config)
         pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)

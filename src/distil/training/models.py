@@ -17,7 +17,7 @@ from distil.checks import check_data_matches_tokenizer, check_vocabularies
 from distil.config import TrainConfig
 from distil.errors import DistilError
 from distil.loading import load_config, load_model, load_tokenizer
-from distil.model_kinds import auto_class, head_missing, resolve_objective
+from distil.model_kinds import auto_class, head_missing, learned_position_limit, resolve_objective
 from distil.sentence_embeddings import resolve_pooling, teacher_pooling
 from distil.training.attention_capture import check_attention_terms
 from distil.training.fused_head import output_projection
@@ -49,11 +49,8 @@ def resolve_teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dt
 
 
 def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> Models:
-    """Load teacher and student, run the start-up checks, and place both on `device`."""
-    if config.teacher.cache:  # a teacher-signal store stands in for the teacher (see distil.teacher_cache)
-        from distil.teacher_cache.training import load_models_from_cache
-
-        return load_models_from_cache(config, student_dir, device)
+    """Load teacher and student, run the start-up checks, and place both on `device` (a run from a teacher-signal
+    store loads with training.store_run.load_models_from_cache instead)."""
     loss = config.loss
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
     wants_sentence = loss.alpha_sentence_mse > 0 or loss.alpha_sentence_cos > 0
@@ -140,15 +137,6 @@ def override_dropout(model_config, value: float | None) -> dict:
         log.warning("run.dropout=%g is not applied: the student config (%s) has no dropout setting, so its dropout, "
                     "if it has any, stays as built", value, getattr(model_config, "model_type", "") or "no model type")
     return original
-
-
-def learned_position_limit(model: torch.nn.Module) -> int | None:
-    """How many positions a model with a learned position table can take (None: rotary or relative positions,
-    which have no hard limit). RoBERTa's table starts after its padding index, so it holds two fewer."""
-    for name, module in model.named_modules():
-        if name.endswith(("position_embeddings", "wpe")) and isinstance(module, torch.nn.Embedding):
-            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
-    return None
 
 
 def check_positions(models: Models, longest: int, config: TrainConfig) -> None:

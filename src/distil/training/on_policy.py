@@ -239,7 +239,7 @@ def check(config, models, spec) -> None:
             "loss.on_policy_fraction is set but the recipe has no soft-target term: on-policy steps distil the "
             "teacher's distribution on the student's own tokens. Set loss.alpha_ce (or loss.alpha_mse) > 0."
         )
-    from distil.training.models import learned_position_limit
+    from distil.model_kinds import learned_position_limit
 
     longest = config.loss.on_policy_prefix + config.loss.on_policy_max_new_tokens
     for who, model in (("teacher", models.teacher), ("student", models.student)):

@@ -312,7 +312,7 @@ class CachedObjective:
     def _fused_logit_terms(self, student_module, batch, targets):
         """(weighted logit terms, their step shares, student HiddenStates or None) through the sparse head: the
         student's output layer, the soft-target term and the LM cross-entropy in row chunks."""
-        from distil.teacher_cache.sparse_head import SparseHeadTerms, sparse_head_losses
+        from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
         from distil.training.fused_head import projection_replaced
         from distil.training.objective import forward, row_targets
 
