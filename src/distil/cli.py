@@ -96,6 +96,9 @@ def _add_init_student(sub) -> None:
     p.add_argument("--output-dir", "-o", required=True, help="directory to write the student (save_pretrained layout)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to save with the student (default: the teacher's; needed for a teacher saved without one)")
+    p.add_argument("--transplant-vocabulary", action="store_true",
+                   help="give the student --tokenizer's own vocabulary: tokens the teacher's vocabulary shares copy its "
+                        "embedding rows, the others average the rows of the teacher's pieces of their text")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", type=_layer_list, default=None,
                        help="teacher layers to keep, increasing, e.g. 0,2,4,7,9,11")
@@ -409,6 +412,7 @@ def run(args: argparse.Namespace) -> int | None:
             architecture=args.architecture, overwrite=args.overwrite, tokenizer=args.tokenizer,
             hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
             calibration_data=args.calibration_data, calibration_sequences=args.calibration_sequences,
+            transplant_vocabulary=args.transplant_vocabulary,
         )
     elif args.command == "train":
         from distil.config import load_config

@@ -117,12 +117,14 @@ def init_student(
     num_heads: int | None = None,
     calibration_data: str | None = None,
     calibration_sequences: int = 256,
+    transplant_vocabulary: bool = False,
 ) -> dict:
     """Write a student built from teacher layers to `output_dir` and return a summary of what was made.
 
     The student gets the teacher's tokenizer, or `tokenizer` (a directory or hub id) for a teacher saved without one.
     `hidden_size`, `intermediate_size` and `num_heads` prune the width too (distil.pruning), ranking channels, heads
-    and neurons by their activations on `calibration_sequences` sequences of the prepared `calibration_data`."""
+    and neurons by their activations on `calibration_sequences` sequences of the prepared `calibration_data`.
+    `transplant_vocabulary` gives the student `tokenizer`'s own vocabulary (distil.cross_tokenizer.transplant)."""
     start = time.perf_counter()
     if architecture not in ARCHITECTURES:
         raise DistilError(f"Unknown student architecture {architecture!r}. Choose one of {', '.join(ARCHITECTURES)}.")
@@ -138,7 +140,10 @@ def init_student(
     width = _resolve_width(config, hidden_size, intermediate_size, num_heads, calibration_data)
     _refuse_output_over_teacher(teacher, output_dir)  # first: its message says more than check_output_dir's
     check_output_dir(output_dir, overwrite)  # fail before the slow load; atomic_output_dir checks again
-    tokenizer = _student_tokenizer(teacher, config, tokenizer, output_dir, calibration_data if width else None)
+    if transplant_vocabulary:  # the student takes `tokenizer`'s own vocabulary; the teacher's splits its tokens
+        teacher_tokenizer, tokenizer = _transplant_tokenizers(teacher, tokenizer, calibration_data if width else None)
+    else:
+        tokenizer = _student_tokenizer(teacher, config, tokenizer, output_dir, calibration_data if width else None)
 
     auto_class = _auto_class_for(config)
     logger.info("Loading teacher %s as %s", teacher, auto_class.__name__)
@@ -156,6 +161,11 @@ def init_student(
 
         logger.info("Measuring activation importance on %s for width pruning", calibration_data)
         student, pruning_record = width_prune(student, calibration_data, calibration_sequences, width)
+    transplant_record = None
+    if transplant_vocabulary:
+        from distil.cross_tokenizer.transplant import transplant_vocabulary as transplant
+
+        transplant_record = transplant(student, teacher_tokenizer, tokenizer)
 
     meta = {
         "teacher": teacher,
@@ -167,6 +177,8 @@ def init_student(
     }
     if pruning_record is not None:
         meta["width_pruning"] = pruning_record
+    if transplant_record is not None:
+        meta["vocabulary_transplant"] = transplant_record
     with atomic_output_dir(output_dir, overwrite, command="init-student") as tmp, \
             disk_space_errors(tmp, lambda: tensor_bytes(student.state_dict()), partial=tmp):
         student.save_pretrained(tmp)
@@ -187,11 +199,16 @@ def init_student(
                                              "num_heads": width.num_heads, "num_key_value_heads": width.num_key_value_heads},
         "output_dir": str(output_dir),
         "seconds": round(seconds, 2),
+        "vocabulary_transplant": transplant_record,
     }
     print(
         f"Student written to {output_dir}: {student.config.model_type} with {len(chosen)} of {num_teacher_layers} "
         f"teacher layers {chosen}{_width_note(width)}; parameters {teacher_params / 1e6:.2f}M -> {student_params / 1e6:.2f}M "
         f"({student_params / teacher_params:.0%}); {seconds:.1f}s."
+        + ("" if transplant_record is None else
+           f" Vocabulary of {tokenizer.name_or_path}: {transplant_record['tokens_exact']} of "
+           f"{transplant_record['vocab_size']} tokens exact, {transplant_record['tokens_composed']} composed from the "
+           f"teacher's pieces, {transplant_record['tokens_fallback']} from the mean embedding.")
     )
     return summary
 
@@ -320,6 +337,27 @@ def _student_tokenizer(teacher: str, config, tokenizer: str | None, output_dir: 
             )
         check_data_matches_any(calibration_data, known)
     return given if given is not None else teacher_tokenizer
+
+
+def _transplant_tokenizers(teacher: str, tokenizer: str | None, calibration_data: str | None = None):
+    """(the teacher's tokenizer, the new one) for a vocabulary transplant: the teacher's splits the new tokens."""
+    if not tokenizer:
+        raise DistilError(
+            "--transplant-vocabulary gives the student another tokenizer's vocabulary, and none was named. Add "
+            "--tokenizer NAME_OR_DIR (the student's tokenizer), or leave out --transplant-vocabulary."
+        )
+    try:
+        teacher_tokenizer = load_tokenizer(teacher)
+    except DistilError:
+        raise DistilError(
+            f"The teacher {teacher} has no tokenizer, and a vocabulary transplant needs it to split each new token into "
+            "teacher tokens. Save the teacher's tokenizer with the teacher (save_pretrained) and run again."
+        ) from None
+    if calibration_data is not None:  # width pruning runs the teacher: the data must hold its ids
+        from distil.checks import check_data_matches_any
+
+        check_data_matches_any(calibration_data, [teacher_tokenizer])
+    return teacher_tokenizer, load_tokenizer(tokenizer)
 
 
 def _try_load_tokenizer(teacher: str, output_dir: str, warn: bool = True):
