@@ -180,6 +180,10 @@ def evaluate(
             del ref
             gc.collect()
 
+        bpb_texts = None
+        if text is not None:
+            bpb_texts = lm_quality.texts_for_bits_per_byte(
+                text, [] if text.lines is not None else [load_tokenizer(path) for _, path in named])
         results = []
         speed_bases: list[torch.nn.Module] = []  # timed together after the loop
         for name, path in named:
@@ -193,6 +197,9 @@ def evaluate(
                 entry["lm"] = _lm_scores(model, text, batch_size, mask_seed, mlm_probability, lm_device)
             if text is not None and entry["lm"] is None and model.kind is not None:
                 model.notes.append(f"LM quality skipped: the prepared data in {data[0]} uses another tokenizer's ids")
+            if bpb_texts and model.kind == "clm":  # tokenizer-independent: measured whatever the data's ids
+                entry["lm"] = {**(entry["lm"] or {}), **lm_quality.causal_lm_bits_per_byte(
+                    model.lm, model.tokenizer, bpb_texts, max_length, batch_size, lm_device)}
             if reference_pooled is not None:
                 pooled = lm_quality.mean_pooled_states(model.base, model.tokenizer, fidelity_texts, max_length,
                                                        batch_size, lm_device)

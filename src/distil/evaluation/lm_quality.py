@@ -208,6 +208,63 @@ def causal_lm_scores(model, sequences: list[np.ndarray], pad_id: int, batch_size
             "targets": count, "sequences": len(sequences)}
 
 
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Negative log-likelihood of a text in nats -> bits per UTF-8 byte of that text."""
+    return nll_nats / math.log(2) / n_bytes
+
+
+def texts_for_bits_per_byte(text: HeldoutText, tokenizers: list) -> list[str] | None:
+    """The held-out text every causal model is scored on in bits per byte: the raw lines, or the prepared
+    sequences decoded by a tokenizer that matches their ids (None when none does)."""
+    lines = texts_for_fidelity(text, tokenizers)
+    return None if lines is None else [line for line in lines if line.strip()]
+
+
+@torch.inference_mode()
+def causal_lm_bits_per_byte(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 16,
+                            device: str | torch.device = "cpu") -> dict:
+    """Held-out bits per byte: the negative log-likelihood of every token of `texts`, in bits, over their UTF-8 bytes.
+
+    A number that does not depend on the tokenizer, so models with different vocabularies compare. Each text is
+    tokenized whole without special tokens; every one of its tokens is predicted, the first from the tokenizer's
+    start-of-text framing (its BOS, or end-of-text for tokenizers such as GPT-2's that add none: what `distil prepare`
+    puts before each sequence), which carries no text. The closing end-of-text token is not predicted (it is not
+    text). Texts longer than `max_length` minus the framing are scored in consecutive windows, each opened by the
+    framing again. Tokens mapped to the unknown token are scored as the tokenizer sees them (the unknown token),
+    which understates the cost of text the vocabulary cannot spell.
+    """
+    from distil.data.prepare import framing_for
+
+    prefix = [int(i) for i in framing_for(tokenizer).prefix]
+    window = max_length - len(prefix)
+    if window < 1:
+        raise DistilError(f"max_length {max_length} leaves no room for text after the {len(prefix)} framing tokens.")
+    encoder = tokenizer.backend_tokenizer
+    encoder.no_truncation()
+    encoder.no_padding()
+    rows, n_bytes = [], 0
+    for line, encoding in zip(texts, encoder.encode_batch(list(texts), add_special_tokens=False)):
+        if not encoding.ids:
+            continue
+        n_bytes += len(line.encode("utf-8"))
+        rows += [prefix + encoding.ids[i:i + window] for i in range(0, len(encoding.ids), window)]
+    if n_bytes == 0:
+        raise DistilError("The held-out text is empty, so bits per byte cannot be measured. Give text with --data.")
+    nll, tokens = 0.0, 0
+    pad_id = pad_id_for(tokenizer)
+    for first in range(0, len(rows), batch_size):
+        ids, mask = _pad([np.asarray(r, dtype=np.int64) for r in rows[first:first + batch_size]], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, len(prefix) - 1:-1].float()
+        targets = ids[:, len(prefix):]
+        scored = mask[:, len(prefix):].bool()
+        token_nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        nll += float(token_nll[scored].double().sum())
+        tokens += int(scored.sum())
+    return {"bits_per_byte": bits_per_byte(nll, n_bytes), "bpb_bytes": n_bytes, "bpb_tokens": tokens,
+            "bytes_per_token": n_bytes / tokens, "bpb_texts": len(texts)}
+
+
 @torch.inference_mode()
 def mean_pooled_states(base_model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 16,
                        device: str | torch.device = "cpu") -> torch.Tensor:

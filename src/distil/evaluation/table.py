@@ -20,6 +20,7 @@ METRICS: list[tuple[str, str, str, str | None]] = [
     ("clm_loss", "held-out causal LM loss", "4", "ratio"),
     ("perplexity", "held-out perplexity", "2", "ratio"),
     ("next_token_accuracy", "held-out next-token accuracy", "percent", "ratio"),
+    ("bits_per_byte", "held-out bits per byte (any tokenizer)", "4", "ratio"),
     ("hidden_cosine", "hidden-state cosine to the reference", "4", "ratio"),
     ("latency_ms_cpu", "CPU latency, batch 1 (ms; ratio = speed-up)", "2", "speedup"),
     ("sequences_per_s_cpu", "CPU throughput (sequences/s)", "1", "ratio"),
@@ -49,7 +50,7 @@ def flat_metrics(model: dict) -> dict[str, float]:
             flat[f"params_{part}"] = size["params"][part]
     if size.get("disk_bytes") is not None:
         flat["disk_mb"] = size["disk_bytes"] / 1e6
-    for key in ("mlm_loss", "mlm_accuracy", "clm_loss", "perplexity", "next_token_accuracy"):
+    for key in ("mlm_loss", "mlm_accuracy", "clm_loss", "perplexity", "next_token_accuracy", "bits_per_byte"):
         if (model.get("lm") or {}).get(key) is not None:
             flat[key] = model["lm"][key]
     if (model.get("fidelity") or {}).get("hidden_cosine") is not None:
