@@ -64,11 +64,18 @@ def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> No
         )
 
 
+TRANSPLANT_HINT = ("To give the student this tokenizer's own vocabulary instead, add --transplant-vocabulary (each "
+                   "token's embedding is built from the teacher's embeddings of its pieces).")
+
+
 def check_student_tokenizer(tokenizer, teacher_tokenizer, teacher_config, tokenizer_name: str, teacher: str) -> None:
     """A tokenizer saved with a student built from the teacher (`init-student --tokenizer`) must read every id as
     the teacher's embeddings were trained on it: each of the teacher tokenizer's tokens keeps its id, and any
     token it adds (special tokens, say) has an embedding row, as train allows for padded vocabularies."""
-    check_vocabularies(teacher_config, teacher_config, tokenizer, None)  # every id has an embedding row
+    try:
+        check_vocabularies(teacher_config, teacher_config, tokenizer, None)  # every id has an embedding row
+    except DistilError as exc:
+        raise DistilError(f"{exc} {TRANSPLANT_HINT}") from None
     rows, vocab = vocab_size_of(teacher_config), tokenizer.get_vocab()
     if teacher_tokenizer is None:
         return  # a teacher saved without a tokenizer: only the size can be checked
@@ -80,7 +87,8 @@ def check_student_tokenizer(tokenizer, teacher_tokenizer, teacher_config, tokeni
             f"The tokenizer {tokenizer_name} gives {len(moved)} of the teacher's {len(own)} tokens another id or "
             f"none ({examples}). init-student copies the teacher's embeddings row by row, so the student reads "
             "each id as the teacher does and needs the teacher's token -> id table (extra tokens within the "
-            f"embedding's {rows} rows are fine). Leave --tokenizer out to save the teacher's tokenizer."
+            f"embedding's {rows} rows are fine). Leave --tokenizer out to save the teacher's tokenizer. "
+            + TRANSPLANT_HINT
         )
 
 
