@@ -361,3 +361,20 @@ def test_cross_tokenizer_init_student_transplant_end_to_end(tmp_path, capsys):
     assert saved.get_vocab() == metaspace_tokenizer().get_vocab()
     with pytest.raises(DistilError, match="--transplant-vocabulary gives the student another tokenizer"):
         init_student(str(tmp_path / "teacher"), str(tmp_path / "student2"), None, 1, transplant_vocabulary=True)
+
+
+def test_cross_tokenizer_hybrid_student_vocabulary_inside_the_teachers_is_finite():
+    """Every student token is a teacher token: the student has no bucket to put the teacher's other mass in, so the
+    exact part is the KL to the teacher renormalised over the shared tokens (finite), and ULD sees the rest."""
+    teacher = torch.tensor([[1.0, 0.5, -0.2, 2.0]], dtype=torch.float64)   # ids 0..3; 3 has no student token
+    student = torch.tensor([[0.3, -0.4, 0.9]], dtype=torch.float64, requires_grad=True)
+    mapping = VocabularyMapping(np.array([0, 1, 2]), np.array([2, 0, 1]), 4, 3)
+    exact, rest = hybrid_parts_sum(student, teacher, mapping, 1.0)
+    p = torch.softmax(teacher, -1)[0]
+    shared = p[[0, 1, 2]] / p[[0, 1, 2]].sum()
+    q = torch.softmax(student.detach(), -1)[0][[2, 0, 1]]
+    assert torch.isfinite(exact).all()
+    assert exact.item() == pytest.approx(float((shared * (shared / q).log()).sum()), abs=1e-12)
+    assert rest.item() == pytest.approx(float(p[3]), abs=1e-12)   # the teacher's token 3 against nothing
+    exact.backward()
+    assert torch.isfinite(student.grad).all()

@@ -17,7 +17,9 @@ while `*_loss` averages over (masked) rows.
               sum_{k shared} p_k log(p_k / q_k)  +  p_rest log(p_rest / q_rest)
           a proper divergence (zero only when the shared tokens' probabilities and the rest's total agree), with
           no renormalisation that could hide a mass difference; when both vocabularies are the same it is the
-          forward KL itself (no bucket, no ULD term). The rest's distributions are compared by ULD on their
+          forward KL itself (no bucket, no ULD term). When every student token is a shared one, the student has
+          no mass to put in a bucket: the exact part is then the KL to the teacher's distribution renormalised over
+          the shared tokens (the teacher's mass elsewhere is left to the ULD term). The rest's distributions are compared by ULD on their
           unnormalised probabilities (their masses differ exactly when the bucket term is non-zero):
               hybrid = T^2 [ exact + uld_weight * sum_i | p_rest_sorted(i) - q_rest_sorted(i) | ]
           GOLD (TRL's GOLDTrainer) compares the matched tokens' probabilities with a generalised JSD and the rest
@@ -103,8 +105,13 @@ def hybrid_parts_sum(student_logits: Tensor, teacher_logits: Tensor, mapping: Vo
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     teacher_ids, student_ids, teacher_rest, student_rest = _shared_masks(
         mapping, log_p.shape[-1], log_q.shape[-1], log_p.device)
-    with_bucket = bool(teacher_rest.any()) or bool(student_rest.any())
+    # A student whose every token the teacher also holds cannot put mass on the teacher's other tokens: a rest
+    # bucket would make the KL infinite. Its exact part is then the KL to the teacher's distribution given that the
+    # next token is a shared one (renormalised over the shared tokens).
+    with_bucket = bool(student_rest.any())
     coarse_p = _coarsened(log_p, teacher_ids, teacher_rest, with_bucket)
+    if not with_bucket:
+        coarse_p = coarse_p - torch.logsumexp(coarse_p, dim=-1, keepdim=True)
     coarse_q = _coarsened(log_q, student_ids, student_rest, with_bucket)
     if with_bucket and not bool(teacher_rest.any()):
         # The teacher puts no mass outside the shared tokens: its bucket is log 0, which contributes 0 to the KL
