@@ -8,7 +8,7 @@ sampled forward-KL estimate's gradient with respect to the student's logits z (a
 
 and its mean over draws is the dense q - p. Three estimators of the same gradient, each over many seeded draws:
 
-  plain            g as stored and trained on (autograd of distil.losses.sparse.sampled_forward_kl_sum)
+  plain            g as stored and trained on (autograd of distil.teacher_signal.divergences.sampled_forward_kl_sum)
   additive CV      g + (R - W) q: W replaced by its known mean R, still unbiased (the control variate W - R with
                    coefficient q; no longer sums to 0 over the vocabulary)
   self-normalised  the weights rescaled to sum to R (w_j R / W), then the same sampled_forward_kl_sum: biased by
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from distil.losses.sparse import SparseTargets, sampled_forward_kl_sum
+from distil.teacher_signal.divergences import sampled_forward_kl_sum
+from distil.teacher_signal.signals import SparseSignals as SparseTargets
 from distil.teacher_cache.signals import sparse_signals
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -102,8 +102,8 @@ def _grad_bias(store_sampled: Path, dense: list, student_dir: Path, T: float, ba
     """Gradients of the soft-target sum w.r.t. the student's logits on a fixed batch: estimates against dense."""
     from transformers import AutoModelForCausalLM
 
-    from distil.losses.divergences import divergence_sum
-    from distil.losses.sparse import SparseTargets, bucketed_divergence_sum, sampled_forward_kl_sum
+    from distil.teacher_signal.divergences import bucketed_divergence_sum, divergence_sum, sampled_forward_kl_sum
+    from distil.teacher_signal.signals import SparseSignals as SparseTargets
     from distil.teacher_cache.reader import TeacherStore
     from distil.teacher_cache.signals import sequence_generator, sparse_signals
     from distil.data.dataset import TokenSequences

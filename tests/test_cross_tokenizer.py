@@ -18,7 +18,7 @@ from distil.cross_tokenizer.transplant import source_rows, transplant_vocabulary
 from distil.cross_tokenizer.vocabulary import (VocabularyMapping, byte_level_alphabet, first_id_per_key,
                                                shared_vocabulary, token_keys)
 from distil.errors import DistilError
-from distil.losses.divergences import divergence_sum
+from distil.teacher_signal.divergences import divergence_sum
 
 TEXT = "hello  world é!"
 

@@ -6,7 +6,7 @@ model's own logits, for every divergence."""
 import pytest
 import torch
 
-from distil.losses.divergences import DIVERGENCES
+from distil.teacher_signal.divergences import DIVERGENCES
 from distil.training.fused_head import (POST_PROCESSING, LogitTransform, logit_transform, output_projection,
                                         projection_replaced, transform_of)
 from distil.training.objective import TermSpec, forward

@@ -9,7 +9,7 @@ import torch
 
 from distil.config import load_config
 from distil.errors import DistilError
-from distil.losses.divergences import divergence_sum
+from distil.teacher_signal.divergences import divergence_sum
 from distil.training import on_policy as op
 from distil.training.fused_head import output_projection
 from distil.training.loop import train

@@ -1,4 +1,4 @@
-"""The store's sparse head (training.sparse_head): the model's own logit transform applied as in the live
+"""The store's path through the output-layer engine (teacher_signal.engine): the model's own logit transform applied as in the live
 fused head, and a closed-form gradient equal to the float64 plain formulation at confident-student extremes."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from distil.losses.divergences import DIVERGENCES
-from distil.losses.sparse import LOG_FLOOR, SparseTargets, sparse_soft_target_sum
 from distil.teacher_cache.signals import sparse_signals
-from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
-from distil.training.fused_head import LogitTransform, output_projection
+from distil.teacher_signal.divergences import DIVERGENCES, Divergence
+from distil.teacher_signal.signals import LOG_FLOOR, SparseSignals as SparseTargets
+from distil.training.fused_head import HeadTerms, LogitTransform, output_projection, student_head_losses
 from distil.training.objective import TermSpec, build_step
 from test_fused_head_softcap import tiny_causal
 from tiny_models import VOCAB_SIZE
@@ -93,7 +92,7 @@ def test_sparse_transform_store_head_equals_plain_for_every_divergence(student_k
 @pytest.mark.parametrize("transform", [LogitTransform(softcap=1.5), LogitTransform(multiply=2.5),
                                        LogitTransform(divide=8.0)])
 def test_sparse_transform_given_explicitly_equals_plain_on_transformed_logits(transform):
-    """sparse_head_losses(..., transform=) computes the losses of transform(projection(hidden)), values and
+    """student_head_losses(..., transform=) computes the losses of transform(projection(hidden)), values and
     gradients, with the sampled and the bucketed targets."""
     gen = torch.Generator().manual_seed(2)
     n, d, vocab, T = 70, 10, 30, 2.0
@@ -106,22 +105,22 @@ def test_sparse_transform_given_explicitly_equals_plain_on_transformed_logits(tr
     labels[torch.rand(n, generator=gen) > 0.5] = -100
     for sampled in (0, 4):
         targets = _targets(torch.randn(int(kd_rows.sum()), vocab, generator=gen) * 3, 5, T, sampled)
-        terms = SparseHeadTerms(T, coef_ce=0.7, coef_lm=0.3)
+        terms = HeadTerms(T, coef_ce=0.7, coef_lm=0.3)
         h1 = hidden.clone().requires_grad_(True)
         projection.zero_grad()
-        total, sums = sparse_head_losses(h1, projection, kd_rows, labels, targets, terms, chunk=16,
+        total, sums = student_head_losses(h1, projection, kd_rows, labels, targets, terms, chunk=16,
                                          transform=transform)
         total.backward()
         got = (h1.grad, projection.weight.grad.clone())
         h2 = hidden.clone().requires_grad_(True)
         projection.zero_grad()
         logits = transform(projection(h2))
-        plain_ce = sparse_soft_target_sum(logits[kd_rows], targets, T)
+        plain_ce = Divergence("forward_kl", T).value(logits[kd_rows], targets)
         lm = labels != -100
         plain_lm = torch.nn.functional.cross_entropy(logits[lm], labels[lm], reduction="sum")
         (0.7 * plain_ce + 0.3 * plain_lm).backward()
         assert sums[0].item() == pytest.approx(plain_ce.item(), rel=1e-5)
-        assert sums[1].item() == pytest.approx(plain_lm.item(), rel=1e-5)
+        assert sums[2].item() == pytest.approx(plain_lm.item(), rel=1e-5)
         for g, want in zip(got, (h2.grad, projection.weight.grad)):
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6 * max(1.0, want.abs().max().item()))
 
@@ -166,7 +165,7 @@ def _float64_reference(student64, targets, T, coef_ce, labels, coef_lm):
     autograd through the plain formulation."""
     x = student64.clone().requires_grad_(True)
     targets64 = SparseTargets(targets.top_ids, targets.top_logp.double(), targets.log_rest.double())
-    soft = sparse_soft_target_sum(x, targets64, T)
+    soft = Divergence("forward_kl", T).value(x, targets64)
     lm = labels != -100
     ce = torch.nn.functional.cross_entropy(x[lm], labels[lm], reduction="sum")
     (coef_ce * soft + coef_lm * ce).backward()
@@ -180,8 +179,8 @@ def _head_on_logits(logits, targets, T, coef_ce, labels, coef_lm, dtype=torch.fl
     with torch.no_grad():
         projection.weight.copy_(torch.eye(vocab))
     hidden = logits.to(dtype).requires_grad_(True)
-    terms = SparseHeadTerms(T, coef_ce=coef_ce, coef_lm=coef_lm)
-    total, sums = sparse_head_losses(hidden, projection, torch.ones(len(logits), dtype=torch.bool), labels,
+    terms = HeadTerms(T, coef_ce=coef_ce, coef_lm=coef_lm)
+    total, sums = student_head_losses(hidden, projection, torch.ones(len(logits), dtype=torch.bool), labels,
                                      targets, terms)
     total.backward()
     return sums, hidden.grad.double()
@@ -201,7 +200,7 @@ def test_sparse_gradient_equals_float64_reference_at_extremes(case, T):
     soft, ce, want = _float64_reference(student64, targets, T, 0.7, labels, 0.3)
     sums, got = _head_on_logits(student64.float(), targets, T, 0.7, labels, 0.3)
     assert sums[0].item() == pytest.approx(soft, rel=1e-5, abs=1e-6)
-    assert sums[1].item() == pytest.approx(ce, rel=1e-5)
+    assert sums[2].item() == pytest.approx(ce, rel=1e-5)
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * scale)
     if case.startswith("confident"):  # the top-k ids carry the gradient: T (q - p), far from 0
@@ -236,7 +235,7 @@ def test_sparse_gradient_sampled_equals_float64_reference_at_extremes(case):
     x = student64.clone().requires_grad_(True)
     targets64 = SparseTargets(targets.top_ids, targets.top_logp.double(), targets.log_rest.double(), ids,
                               logp.double(), logw.double())
-    soft = sparse_soft_target_sum(x, targets64, 2.0)
+    soft = Divergence("forward_kl", 2.0).value(x, targets64)
     lm = labels != -100
     (0.7 * soft + 0.3 * torch.nn.functional.cross_entropy(x[lm], labels[lm], reduction="sum")).backward()
     sums, got = _head_on_logits(student64.float(), targets, 2.0, 0.7, labels, 0.3)

@@ -15,9 +15,9 @@ import yaml
 
 from distil.config import load_config
 from distil.errors import DistilError
-from distil.losses.divergences import DIVERGENCES, divergence_sum
-from distil.losses.sparse import (SparseTargets, bucketed_divergence_sum, sampled_forward_kl_sum,
-                                  sparse_soft_target_loss)
+from distil.teacher_signal.divergences import (DIVERGENCES, Divergence, bucketed_divergence_sum, divergence_sum,
+                                               sampled_forward_kl_sum)
+from distil.teacher_signal.signals import SparseSignals as SparseTargets
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.reader import TeacherStore
 from distil.teacher_cache.signals import sparse_signals
@@ -111,7 +111,7 @@ def test_teacher_cache_sampled_draws_stay_in_the_tail_with_weights_summing_to_th
 def test_teacher_cache_refused_divergence_with_samples():
     targets = _targets(torch.randn(3, 10), 2, 1.0, 3, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="unbiased"):
-        sparse_soft_target_loss(torch.randn(3, 10), targets, 1.0, "reverse_kl")
+        Divergence("reverse_kl", 1.0).value(torch.randn(3, 10), targets)
 
 
 def test_teacher_cache_compact_logprobs_fit_and_size():
@@ -133,7 +133,7 @@ def test_teacher_cache_sparse_head_equals_plain_formulation(case, T):
     """The chunked sparse head (output layer + sparse soft targets + cross-entropy) = the plain losses, values and
     gradients, with rows left out of the soft-target term and rows without a label."""
     from distil.losses import masked_lm_loss
-    from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
+    from distil.training.fused_head import HeadTerms, student_head_losses
 
     gen = torch.Generator().manual_seed(5)
     n, d, vocab = 300, 12, 40
@@ -150,10 +150,10 @@ def test_teacher_cache_sparse_head_equals_plain_formulation(case, T):
     labels[torch.rand(n, generator=gen) > 0.6] = -100
     sampled = 5 if case.endswith("sampled") else 0
     targets = _targets(teacher[kd_rows], 6, T, sampled, torch.Generator().manual_seed(0))
-    terms = SparseHeadTerms(T, divergence, coef_ce=0.7, coef_lm=0.3)
+    terms = HeadTerms(T, divergence=divergence, coef_ce=0.7, coef_lm=0.3)
 
     h1 = hidden.clone().requires_grad_(True)
-    total, sums = sparse_head_losses(h1, projection, kd_rows, labels, targets, terms, chunk=64)
+    total, sums = student_head_losses(h1, projection, kd_rows, labels, targets, terms, chunk=64)
     total.backward()
     head_grads = (h1.grad, projection.weight.grad.clone(), projection.bias.grad.clone())
     projection.zero_grad()
@@ -161,11 +161,11 @@ def test_teacher_cache_sparse_head_equals_plain_formulation(case, T):
     h2 = hidden.clone().requires_grad_(True)
     logits = projection(h2)
     labelled = int((labels != -100).sum())
-    plain_ce = sparse_soft_target_loss(logits[kd_rows], targets, T, divergence) * int(kd_rows.sum())
+    plain_ce = Divergence(divergence, T).value(logits[kd_rows], targets)
     plain_lm = masked_lm_loss(logits, labels) * labelled
     (0.7 * plain_ce + 0.3 * plain_lm).backward()
     assert sums[0].item() == pytest.approx(plain_ce.item(), rel=1e-4)
-    assert sums[1].item() == pytest.approx(plain_lm.item(), rel=1e-4)
+    assert sums[2].item() == pytest.approx(plain_lm.item(), rel=1e-4)
     for got, want in zip(head_grads, (h2.grad, projection.weight.grad, projection.bias.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
 

@@ -193,7 +193,7 @@ def _final_heldout_table(runs: list[dict]) -> list[str]:
     lines = ["| held-out metric | " + " | ".join(f"{r['name']} (step {f.get('step', '–')})" for r, f in zip(runs, finals)) + " |",
              "|---|" + "---:|" * len(runs)]
     for key in keys:
-        cells = [f"{f[key]:.4f}" if isinstance(f.get(key), (int, float)) else "–" for f in finals]
+        cells = [f"{f[key]:.4f}" if isinstance(f.get(key), (int, float)) else str(f.get(key, "–")) for f in finals]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
 

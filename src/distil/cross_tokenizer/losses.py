@@ -2,7 +2,7 @@
 
 Inputs are the rows that count, already aligned (distil.cross_tokenizer.alignment): student logits (N, Vs) and
 teacher logits (N, Vt), row n of both predicting the same text boundary. As for the same-vocabulary divergences
-(distil.losses.divergences): both sides are softened at temperature T (q = softmax(student / T),
+(distil.teacher_signal.divergences): both sides are softened at temperature T (q = softmax(student / T),
 p = softmax(teacher / T)), the value is summed over the vocabulary, multiplied by T^2, and `*_sum` sums over rows
 while `*_loss` averages over (masked) rows.
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distil.cross_tokenizer.vocabulary import VocabularyMapping
-from distil.losses.divergences import divergence_sum
+from distil.teacher_signal.divergences import divergence_sum
 from distil.losses.rows import select_rows, zero_like_graph
 
 

@@ -1,9 +1,9 @@
 """What some models do to their logits after the output layer, and its derivative, for the fused heads.
 
 Gemma-2's `final_logit_softcapping`: cap * tanh(logits / cap); Cohere's `logit_scale`: logits * scale; Granite's
-`logits_scaling`: logits / scaling. A fused head (training.fused_head for a live teacher, training.sparse_head
-for a store) stands in for the output layer and switches the model's own transform off, so it applies the
-transform to each chunk of projected logits itself and chains its gradient back through it: these two in-place
+`logits_scaling`: logits / scaling. The output-layer engine (distil.teacher_signal.engine, for a live
+teacher and for a store) stands in for the output layer and switches the model's own transform off, so it applies
+the transform to each chunk of projected logits itself and chains its gradient back through it: these two in-place
 functions are that one definition, and `LogitTransform.__call__` the plain form both are tested against.
 """
 

@@ -37,9 +37,9 @@ def soft_target_loss(
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> Tensor:
-    """A divergence between softened teacher and student distributions (see distil.losses.divergences), times
+    """A divergence between softened teacher and student distributions (see distil.teacher_signal.divergences), times
     T**2, averaged over selected rows. forward_kl is `soft_target_kl`."""
-    from distil.losses.divergences import divergence_sum
+    from distil.teacher_signal.divergences import divergence_sum
 
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")

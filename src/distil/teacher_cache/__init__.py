@@ -4,5 +4,5 @@
 - `format`: the store's layout, manifest and quantisation (shared by writer and reader);
 - `writer`: `distil cache-teacher` (streaming, resumable, multi-process);
 - `reader`: a batch's sparse targets from the memory-mapped shards;
-- `training`: `teacher.cache: DIR` runs (start-up checks and the objective); the losses are distil.losses.sparse.
+- `training`: `teacher.cache: DIR` runs (start-up checks and the objective); the losses are distil.teacher_signal.
 """

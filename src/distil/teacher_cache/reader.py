@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from distil.errors import DistilError
-from distil.losses.sparse import LOG_FLOOR, SparseTargets
+from distil.teacher_signal.signals import LOG_FLOOR, SparseSignals
 from distil.teacher_cache import format as fmt
 
 
@@ -86,7 +86,7 @@ class TeacherStore:
                 np.asarray(shard["mlm_target"][rows]).astype(bool))
 
     def targets(self, sequences: list[int], counts: list[int], want_hidden: bool = False,
-                device: torch.device | None = None) -> SparseTargets:
+                device: torch.device | None = None) -> SparseSignals:
         """The sparse targets of the first counts[i] positions of each of `sequences`, rows concatenated in order
         (the row-major order of a right-padded batch's real positions)."""
         pieces: dict[str, list] = {}
@@ -111,7 +111,7 @@ class TeacherStore:
                 return None
             return torch.from_numpy(arrays[name].astype(np.int64 if dtype == torch.int64 else np.float32)).to(device)
 
-        return SparseTargets(top_ids=tensor("top_ids", torch.int64), top_logp=top_logp.to(device),
+        return SparseSignals(top_ids=tensor("top_ids", torch.int64), top_logp=top_logp.to(device),
                              log_rest=log_rest.to(device), sample_ids=tensor("sample_ids", torch.int64),
                              sample_logp=tensor("sample_logp"), sample_logw=tensor("sample_logw"),
                              hidden=tensor("hidden") if want_hidden else None)

@@ -7,24 +7,13 @@ index, so a sequence's draws do not depend on batching, process count or resumpt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from distil.losses.sparse import LOG_FLOOR
+from distil.teacher_signal.signals import LOG_FLOOR, SparseSignals
 
 SEED_STRIDE = 1_000_003
-
-
-@dataclass
-class Signals:
-    top_ids: Tensor          # (L, k) int64, by decreasing probability
-    top_logp: Tensor         # (L, k) float32
-    log_rest: Tensor         # (L,) float32, >= LOG_FLOOR
-    sample_ids: Tensor       # (L, k') int64 (k' may be 0)
-    sample_logp: Tensor      # (L, k') float32
-    sample_logw: Tensor      # (L, k') float32
 
 
 def sequence_generator(seed: int, sequence_index: int) -> torch.Generator:
@@ -35,7 +24,7 @@ def sequence_generator(seed: int, sequence_index: int) -> torch.Generator:
 
 
 def sparse_signals(logits: Tensor, k: int, temperature: float, sampled: int = 0,
-                   generator: torch.Generator | None = None, proposal_temperature: float = 1.0) -> Signals:
+                   generator: torch.Generator | None = None, proposal_temperature: float = 1.0) -> SparseSignals:
     """Top-k log-probabilities of softmax(logits / T) (L, V), the log of the mass outside them, and `sampled`
     draws (with replacement) from a proposal over the tail: r proportional to p^(1 / proposal_temperature) on the
     tokens outside the top-k (1: the tail renormalised; > 1: flatter, more of the far tail). Each draw keeps
@@ -51,9 +40,9 @@ def sparse_signals(logits: Tensor, k: int, temperature: float, sampled: int = 0,
     n = logp.shape[0]
     if sampled <= 0:
         empty = torch.zeros(n, 0)
-        return Signals(top_ids, top_logp, log_rest, empty.long(), empty, empty)
+        return SparseSignals(top_ids, top_logp, log_rest, empty.long(), empty, empty)
     log_r = torch.log_softmax(outside / proposal_temperature, dim=-1)   # -inf on the top-k: never drawn
     draws = torch.multinomial(log_r.exp(), sampled, replacement=True, generator=generator)
     sample_logp = logp.gather(1, draws)
     sample_logw = sample_logp - log_r.gather(1, draws) - math.log(sampled)
-    return Signals(top_ids, top_logp, log_rest, draws, sample_logp, sample_logw)
+    return SparseSignals(top_ids, top_logp, log_rest, draws, sample_logp, sample_logw)

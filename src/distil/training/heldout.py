@@ -2,7 +2,9 @@
 
 The batches and the MLM masks are the same at every evaluation and in every run with the same data and batch
 size, so the numbers are comparable across steps and runs. A final batch smaller than the others (or a held-out
-split smaller than one global batch) is evaluated as it is: every mean is over the tokens actually seen.
+split smaller than one global batch) is evaluated as it is: every mean is over the tokens actually seen. `kd` is
+the divergence the run trains (loss.divergence, by the one definition in distil.teacher_signal.divergences, at the
+recipe's temperature) over every real token, and `divergence` names it.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def heldout_batches(heldout: TokenSequences, global_batch: int, max_batches: int
 @torch.no_grad()
 def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldout: TokenSequences,
                      batches: list[list[int]], masker, pad_id: int, sharded: bool = False) -> dict:
-    """Means over the given held-out batches: the student's and the teacher's own LM loss, their soft-target KL
-    (temperature of the recipe), and the hidden-state terms of the recipe; plus tokens/s."""
+    """Means over the given held-out batches: the student's and the teacher's own LM loss, their soft-target
+    divergence (the recipe's, at its temperature; named by "divergence"), and the hidden-state terms of the recipe;
+    plus tokens/s."""
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     spec = objective.spec
     was_training = student.training
@@ -80,7 +83,8 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
         if t_logits is not None:
             values["teacher_" + own_name] = (own(t_logits, batch.labels), batch.local_targets, 1)
         if s_logits is not None and t_logits is not None:
-            values["kd"] = (losses.soft_target_kl(s_logits, t_logits, spec.temperature, batch.attention_mask.bool()),
+            values["kd"] = (losses.soft_target_loss(s_logits, t_logits, spec.temperature, batch.attention_mask.bool(),
+                                                    spec.divergence, spec.jsd_beta, spec.skew_alpha),
                             batch.local_tokens, 1)
         if representation:
             terms = compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden, only=representation,
@@ -96,6 +100,8 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
     sums = acc.reduce(sums, reduction="sum").tolist()
     counts = acc.reduce(counts, reduction="sum").tolist()
     result = {name: total / count for name, total, count in zip(names, sums, counts) if count > 0}
+    if "kd" in result:
+        result["divergence"] = spec.divergence
     if spec.objective == "clm":
         for who in ("student", "teacher"):
             if f"{who}_clm" in result:

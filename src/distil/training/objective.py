@@ -111,7 +111,7 @@ class TermSpec:
     objective: str                   # mlm | clm
     restrict_ce_to_mask: bool
     layer_pairs: list[tuple[int, int]]
-    divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.losses.divergences
+    divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.teacher_signal.divergences
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     vocab_limit: int | None = None   # teacher and student output layers padded differently: compare these ids only

@@ -5,7 +5,7 @@ store (or teacher.path when given, which must be the teacher the store was writt
 checks, before anything starts, that the store fits the run: the prepared data are the ones it was written for
 (fingerprint and lengths), the vocabularies match, the temperature is the store's, and every loss term can be
 computed from what the store holds (refused otherwise, saying what would make it work). `CachedObjective` is the
-objective of such runs: the soft-target term from the stored sparse distribution (distil.losses.sparse), the
+objective of such runs: the soft-target term from the stored sparse distribution (distil.teacher_signal), the
 CLM/MLM terms as usual, hidden-state terms against stored last hidden states. A masked-LM teacher's store holds
 each sequence's masked input and targets (the teacher scored the masked input): `StoredMasks` gives every training
 step those, never freshly drawn masks, and a recipe whose masking settings are not the store's is refused.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distil.errors import DistilError
-from distil.losses.sparse import sparse_soft_target_loss, unsupported_divergence
+from distil.teacher_signal.divergences import Divergence, unsupported_divergence
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.reader import TeacherStore
 
@@ -300,8 +300,8 @@ class CachedObjective:
                 local, step = batch.local_targets, batch.step_targets
             else:
                 local, step = batch.local_tokens, batch.step_tokens
-            value = sparse_soft_target_loss(rows, targets, spec.temperature, spec.divergence, spec.jsd_beta,
-                                            spec.skew_alpha)
+            divergence = Divergence(spec.divergence, spec.temperature, spec.jsd_beta, spec.skew_alpha)
+            value = divergence.value(rows, targets) / rows.shape[0] if rows.shape[0] else rows.sum() * 0.0
             terms["ce"] = (value, local, step)
         shares = step_share(terms)
         rest = weighted_total(shares, spec.weights) if shares else 0.0
@@ -310,10 +310,9 @@ class CachedObjective:
         return total, {k: v.detach() for k, v in shares.items()}
 
     def _fused_logit_terms(self, student_module, batch, targets):
-        """(weighted logit terms, their step shares, student HiddenStates or None) through the sparse head: the
-        student's output layer, the soft-target term and the LM cross-entropy in row chunks."""
-        from distil.training.sparse_head import SparseHeadTerms, sparse_head_losses
-        from distil.training.fused_head import projection_replaced
+        """(weighted logit terms, their step shares, student HiddenStates or None) through the output-layer
+        engine: the student's output layer, the soft-target term and the LM cross-entropy in row chunks."""
+        from distil.training.fused_head import HeadTerms, projection_replaced, student_head_losses
         from distil.training.objective import forward, row_targets
 
         spec = self.train_spec
@@ -323,16 +322,16 @@ class CachedObjective:
         kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
         lm_name = "clm" if spec.objective == "clm" else "mlm"
         w = spec.weights
-        terms = SparseHeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
-                                skew_alpha=spec.skew_alpha, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
-                                coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
+        terms = HeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
+                          skew_alpha=spec.skew_alpha, coef_ce=w.get("ce", 0.0) / max(kd_step, 1),
+                          coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
         shares: dict = {}
 
         def head(states):  # runs where the student calls its output layer, inside its forward
             hidden = states.reshape(-1, states.shape[-1])[flat_real]
-            total, sums = sparse_head_losses(hidden, projection, kd_rows, row_labels, kd_targets, terms,
-                                             vocab_limit=spec.vocab_limit)
-            for index, name, denominator in ((0, "ce", kd_step), (1, lm_name, batch.step_targets)):
+            total, sums = student_head_losses(hidden, projection, kd_rows, row_labels, kd_targets, terms,
+                                              vocab_limit=spec.vocab_limit)
+            for index, name, denominator in ((0, "ce", kd_step), (2, lm_name, batch.step_targets)):
                 if name in w:
                     shares[name] = sums[index] / max(denominator, 1)
             return total
