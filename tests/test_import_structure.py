@@ -18,6 +18,9 @@ COMMANDS = ("distil.training", "distil.evaluation", "distil.tasks", "distil.repo
             "distil.api", "distil.fit_head")
 FORBIDDEN = {
     "distil.losses": COMMANDS + ("distil.data", "distil.teacher_cache", "distil.student", "distil.loading"),
+    # the teacher's signals flow down into the engine: it never knows where they came from
+    "distil.teacher_signal": COMMANDS + ("distil.data", "distil.teacher_cache", "distil.losses", "distil.student",
+                                         "distil.loading", "distil.cross_tokenizer"),
     "distil.data": COMMANDS + ("distil.teacher_cache", "distil.losses", "distil.student"),
     "distil.teacher_cache": COMMANDS,
     "distil.student": COMMANDS + ("distil.teacher_cache",),

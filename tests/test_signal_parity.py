@@ -6,14 +6,13 @@ and held-out evaluation reporting the divergence the run trains, by name."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from distil import losses
-from distil.losses.logit_transform import LogitTransform
+from distil.teacher_signal.output_layer import LogitTransform
 from distil.teacher_cache.signals import sparse_signals
 from distil.teacher_signal.divergences import DIVERGENCES, Divergence
 from distil.teacher_signal.engine import HeadTerms, output_layer_losses

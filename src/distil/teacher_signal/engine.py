@@ -5,7 +5,7 @@ tokens x vocabulary floats: with plain losses they are most of the memory and mu
 student's last hidden states (before the vocabulary projection) go in with the teacher's signals for the rows the
 soft-target term counts (dense: the teacher's states and output layer, projected chunk by chunk here; sparse: top-k,
 rest mass, drawn tokens). Each chunk of rows is projected and put through the model's own logit transform
-(distil.losses.logit_transform); its LM cross-entropy, its soft-target divergence (Divergence.value_and_grad, for
+(distil.teacher_signal.output_layer); its LM cross-entropy, its soft-target divergence (Divergence.value_and_grad, for
 whatever form the chunk's signals have) and, against dense signals, its logit squared error are summed; and the
 gradients with respect to the hidden states, the projection weight and its bias are accumulated at once (the loss
 is a scalar, so the backward pass only scales them). The live teacher's fused head (training.fused_head) and the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distil.losses.logit_transform import LogitTransform, chain_through_transform_, transform_logits_
+from distil.teacher_signal.output_layer import LogitTransform, chain_through_transform_, project_into, transform_logits_
 from distil.teacher_signal.divergences import Divergence
 from distil.teacher_signal.signals import DenseSignals, Signals
 
@@ -58,13 +58,6 @@ def workspace(rows: int, vocab: int, device: torch.device, count: int = 3) -> to
         _WORKSPACE.clear()
         buf = _WORKSPACE[key] = torch.empty(count, rows, vocab, dtype=torch.float32, device=device)
     return buf
-
-
-def project_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """h @ w.T + b written into the float32 buffer `out`."""
-    if h.dtype == torch.float32 and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
-        return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
-    return out.copy_(F.linear(h, w.to(h.dtype), b.to(h.dtype) if b is not None else None))
 
 
 def lm_cross_entropy(s: torch.Tensor, labels: torch.Tensor, coef: float):

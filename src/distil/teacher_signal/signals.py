@@ -15,13 +15,12 @@ divergences of distil.teacher_signal.divergences and the engine take either form
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # distil.losses re-exports the divergences, which import this module
-    from distil.losses.logit_transform import LogitTransform
+from distil.teacher_signal.output_layer import LogitTransform, project_into, transform_logits_
 
 LOG_FLOOR = -80.0  # log of a mass that is (numerically) zero: exp(-80) ~ 1e-35, never -inf (0 * -inf is nan)
 
@@ -61,9 +60,6 @@ class DenseSignals:
         """The teacher's logits of these rows (float32), written into `out` (rows, V)."""
         if self.logits is not None:
             return out.copy_(self.logits)
-        from distil.losses.logit_transform import transform_logits_
-        from distil.teacher_signal.engine import project_into
-
         head = self.head
         project_into(out, self.states, head.weight, head.bias)
         return transform_logits_(out, head.transform) if head.transform is not None else out

@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from distil.loading import vocab_size_of
-from distil.losses.logit_transform import LogitTransform
+from distil.teacher_signal.output_layer import LogitTransform
 from distil.teacher_signal.engine import CHUNK_ROWS, HeadGradients, HeadTerms, output_layer_losses
 from distil.teacher_signal.signals import DenseSignals, Signals, TeacherHead
 

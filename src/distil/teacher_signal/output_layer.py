@@ -1,4 +1,5 @@
-"""What some models do to their logits after the output layer, and its derivative, for the fused heads.
+"""The output layer as the engine computes it in chunks: the projection (`project_into`), then what some models do
+to their logits after it, and that transform's derivative.
 
 Gemma-2's `final_logit_softcapping`: cap * tanh(logits / cap); Cohere's `logit_scale`: logits * scale; Granite's
 `logits_scaling`: logits / scaling. The output-layer engine (distil.teacher_signal.engine, for a live
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,10 @@ def chain_through_transform_(grad: torch.Tensor, transform: LogitTransform, tanh
     if transform.multiply is not None:
         grad.mul_(transform.multiply)
     return grad
+
+
+def project_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """h @ w.T + b written into the float32 buffer `out`."""
+    if h.dtype == torch.float32 and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
+        return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+    return out.copy_(F.linear(h, w.to(h.dtype), b.to(h.dtype) if b is not None else None))
