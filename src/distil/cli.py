@@ -215,7 +215,10 @@ def _add_evaluate(sub) -> None:
                     "ratios): held-out MLM loss and masked-token accuracy on fixed seeded masks (or causal loss and "
                     "perplexity), hidden-state fidelity to a reference model, parameters and size on disk, latency "
                     "(batch 1) and throughput on CPU and GPU, and with a labelled task, accuracy and macro-F1 after "
-                    "identical fine-tuning. Prints one Markdown table; --output writes JSON.",
+                    "identical fine-tuning. Embedding models (sentence-transformers directories, and plain students "
+                    "of one) also get similarity and nearest-neighbour agreement with the first model on the held-out "
+                    "text, and scores on --sts / --retrieval / --classification files and --mteb tasks. Prints one "
+                    "Markdown table; --output writes JSON.",
     )
     p.add_argument("models", nargs="+", metavar="[NAME=]MODEL", help="model directories or hub ids, optionally named")
     p.add_argument("--data", nargs="+", default=None,
@@ -247,6 +250,19 @@ def _add_evaluate(sub) -> None:
                    help="text column(s) of the task data (default: detected)")
     p.add_argument("--label-column", default="label", help="label column of the task data (default label)")
     p.add_argument("--task-output-dir", default=None, help="keep the fine-tuned models here (default: a temporary dir)")
+    p.add_argument("--sts", default=None, metavar="FILE",
+                   help="embedding models: STS pairs (.tsv/.csv/.jsonl with sentence1, sentence2, score); Spearman")
+    p.add_argument("--retrieval", default=None, metavar="DIR",
+                   help="embedding models: a BEIR-layout directory (corpus.jsonl, queries.jsonl, qrels/test.tsv); "
+                        "nDCG@10, recall@k, MRR@10")
+    p.add_argument("--classification", nargs="+", default=None, metavar="FILE",
+                   help="embedding models: labelled text (text, label) as TRAIN TEST files, or one file with a split "
+                        "field (train/test); kNN accuracy and macro-F1")
+    p.add_argument("--mteb", type=lambda s: [t for t in s.split(",") if t], default=None, metavar="TASK[,TASK]",
+                   help="embedding models: MTEB tasks by name (needs pip install 'distil[mteb]' and the hub)")
+    p.add_argument("--neighbours-k", type=int, default=10,
+                   help="nearest neighbours compared with the first model's on the held-out text (default 10)")
+    p.add_argument("--knn-k", type=int, default=10, help="neighbours voting in kNN classification (default 10)")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
@@ -461,7 +477,8 @@ def run(args: argparse.Namespace) -> int | None:
             task_eval=args.task_eval, seeds=args.seeds, first_seed=args.first_seed, task_epochs=args.task_epochs,
             task_lr=args.task_lr, task_batch_size=args.task_batch_size, task_max_length=args.task_max_length,
             text_columns=args.text_columns, label_column=args.label_column, task_output_dir=args.task_output_dir,
-            output=args.output, overwrite=args.overwrite,
+            sts=args.sts, retrieval=args.retrieval, classification=args.classification, mteb=args.mteb,
+            neighbours_k=args.neighbours_k, knn_k=args.knn_k, output=args.output, overwrite=args.overwrite,
         )
     elif args.command == "report":
         from distil.report import report

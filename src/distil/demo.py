@@ -37,6 +37,31 @@ def _unfinished_demo(out: Path) -> bool:
     return out.is_dir() and output_command(out) == "demo" and not foreign_entries(out) and not (out / FINISHED).exists()
 
 
+RETRIEVAL_QUERIES = 200
+RETRIEVAL_MIN_WORDS = 40
+
+
+def write_retrieval_task(heldout: Path, directory: Path, queries: int = RETRIEVAL_QUERIES) -> None:
+    """A retrieval task from held-out paragraphs, in the BEIR layout `distil evaluate --retrieval` reads: the
+    first half of a paragraph is the query, its second half the one relevant passage among the second halves of
+    all the others. No model saw the held-out text, so finding the continuation is a fair test."""
+    import gzip
+    import json
+
+    with gzip.open(heldout, "rt", encoding="utf-8") as lines:
+        paragraphs = [line.split() for line in lines if len(line.split()) >= RETRIEVAL_MIN_WORDS][:queries]
+    (directory / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(directory / "queries.jsonl", "w", encoding="utf-8") as q, \
+            open(directory / "corpus.jsonl", "w", encoding="utf-8") as c, \
+            open(directory / "qrels" / "test.tsv", "w", encoding="utf-8") as qrels:
+        qrels.write("query-id\tcorpus-id\tscore\n")
+        for i, words in enumerate(paragraphs):
+            half = len(words) // 2
+            q.write(json.dumps({"_id": f"q{i}", "text": " ".join(words[:half])}) + "\n")
+            c.write(json.dumps({"_id": f"p{i}", "text": " ".join(words[half:])}) + "\n")
+            qrels.write(f"q{i}\tp{i}\t1\n")
+
+
 def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: int | None = None) -> dict:
     """The whole pipeline. A demo stopped part-way (Ctrl-C) is resumed by the same command, --overwrite or not;
     a finished one is replaced only with --overwrite. Returns the summaries, with "stopped_early" when training
@@ -84,10 +109,12 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
         return {"train": summary, "stopped_early": True}
 
     print("\n== 3/4 evaluate: teacher vs the student before and after distillation")
+    retrieval_dir = out / "retrieval"
+    write_retrieval_task(root / "data/demo/heldout.txt.gz", retrieval_dir)
     results = evaluate(
         [f"teacher={TEACHER}", f"student-init={out / 'run' / 'student-init'}", f"student={out / 'run' / 'student'}"],
         data=[str(data_dir)], reference=TEACHER, max_sequences=256, speed_batch_size=16, repeats=5,
-        output=str(out / "evaluation.json"), overwrite=True, progress=False,
+        retrieval=str(retrieval_dir), output=str(out / "evaluation.json"), overwrite=True, progress=False,
     )
 
     print("\n== 4/4 report")

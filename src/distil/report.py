@@ -24,6 +24,8 @@ HELDOUT_SKIP = {"step", "split", "batches", "tokens_per_s"}
 QUALITY = ["mlm_accuracy", "next_token_accuracy", "hidden_cosine", "task_accuracy", "task_macro_f1"]
 SIZE = ["params_total", "params_non_embedding", "disk_mb"]
 SPEED = ["latency_ms_cpu", "sequences_per_s_cpu", "latency_ms_cuda", "sequences_per_s_cuda"]
+EMBEDDING = ["similarity_spearman", "neighbour_agreement", "sts_spearman", "retrieval_ndcg_at_10",
+             "retrieval_recall_at_10", "retrieval_mrr_at_10", "knn_accuracy", "knn_macro_f1"]
 
 
 def _pyplot():
@@ -155,7 +157,11 @@ def _bar_panels(plt, path: Path, title: str, evaluation: dict, keys: list[str]) 
     present = [k for k in keys if any(k in f for f in flats)]
     if not present:
         return False
-    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.8), squeeze=False)
+    columns = min(4, len(present))
+    rows = math.ceil(len(present) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(present):]:
+        ax.set_visible(False)
     for ax, key in zip(axes.flat, present):
         values = [f.get(key, math.nan) for f in flats]  # NaN draws no bar: a missing number is not a zero
         has_spread = key.startswith("task_") and any(f"{key}_std" in f for f in flats)
@@ -170,7 +176,7 @@ def _bar_panels(plt, path: Path, title: str, evaluation: dict, keys: list[str]) 
                 ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=8, color="grey")
         ax.set_xlim(-0.6, len(names) - 0.4)  # keep a slot for every model, drawn or not
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(table.LABELS[key], fontsize=9)
+        ax.set_title(table.label_of(key), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -180,7 +186,39 @@ def _bar_panels(plt, path: Path, title: str, evaluation: dict, keys: list[str]) 
 
 
 def _style(key: str) -> str:
-    return next(style for k, _, style, _ in table.METRICS if k == key)
+    return next(style for k, _, style, _ in table.metric_rows([{key: 0.0}]) if k == key)
+
+
+def _embedding_keys(evaluation: dict) -> list[str]:
+    flats = [table.flat_metrics(m) for m in evaluation["models"]]
+    return EMBEDDING + sorted({k for f in flats for k in f if k.startswith(table.MTEB_PREFIX)})
+
+
+def _similarity_scatter(plt, path: Path, evaluation: dict) -> bool:
+    """Each model's cosine of sampled text pairs against the first model's, with the Spearman over all pairs
+    in the title: a cloud on the diagonal is a model that ranks pairs as the reference does."""
+    models = evaluation["models"]
+    reference = (models[0].get("embedding") or {}).get("sampled_pair_cosines")
+    others = [m for m in models[1:] if (m.get("embedding") or {}).get("sampled_pair_cosines")]
+    if not reference or not others:
+        return False
+    fig, axes = plt.subplots(1, len(others), figsize=(4.4 * len(others), 4.2), squeeze=False)
+    for i, (ax, model) in enumerate(zip(axes.flat, others)):
+        ys = model["embedding"]["sampled_pair_cosines"]
+        ax.scatter(reference, ys, s=4, alpha=0.35, color=f"C{i + 1}", edgecolors="none")
+        low, high = min(min(reference), min(ys)), max(max(reference), max(ys))
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{model['name']}: Spearman {model['embedding']['similarity_spearman']:.3f}, "
+                     f"{model['embedding']['neighbours_k']}-NN agreement "
+                     f"{100 * model['embedding']['neighbour_agreement']:.0f}%", fontsize=9)
+        ax.set_xlabel(f"cosine, {models[0]['name']}")
+        ax.set_ylabel(f"cosine, {model['name']}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Pairwise cosine similarities of held-out texts ({len(reference)} sampled pairs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _final_heldout_table(runs: list[dict]) -> list[str]:
@@ -233,9 +271,12 @@ def report(run_dirs: list[str], output_dir: str, evaluation: str | None = None, 
                 plots.append((file_name, title))
         if results is not None:
             for file_name, title, keys in (("eval_quality.png", "Quality", QUALITY), ("eval_size.png", "Size", SIZE),
-                                           ("eval_speed.png", "Speed", SPEED)):
+                                           ("eval_speed.png", "Speed", SPEED),
+                                           ("eval_embedding.png", "Embedding quality", _embedding_keys(results))):
                 if _bar_panels(plt, tmp / file_name, title, results, keys):
                     plots.append((file_name, title))
+            if _similarity_scatter(plt, tmp / "embedding_similarity.png", results):
+                plots.append(("embedding_similarity.png", "Pairwise similarities against the first model"))
         lines = ["# distil report", "", "## Runs", "", *_runs_table(runs), "", "## Final held-out numbers", "",
                  *_final_heldout_table(runs), ""]
         if results is not None:

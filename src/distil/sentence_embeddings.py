@@ -160,35 +160,48 @@ def load_dense(directory: Path) -> torch.nn.Linear | None:
     return None
 
 
-@torch.no_grad()
+class SentenceEncoder:
+    """A sentence-transformers directory (a teacher, or a student written by `distil train`) loaded once, whose
+    `encode` computes embeddings by distil's own code: the model's last hidden states, pooled, through Dense,
+    normalised. `pooling` stands in for the directory's own (for a plain `transformers` directory, e.g. a
+    student straight from `distil init-student`)."""
+
+    def __init__(self, model_dir: str, pooling: SentencePooling | None = None, max_length: int | None = None,
+                 device: str | torch.device = "cpu"):
+        from transformers import AutoModel
+
+        from distil.loading import load_tokenizer, resolve_source
+
+        model_dir = resolve_source(model_dir)
+        self.pooling = pooling or teacher_pooling(model_dir)
+        if self.pooling is None:
+            raise DistilError(f"{model_dir} has no {MODULES_FILE}: it is no sentence-transformers directory. Train with "
+                              "loss.alpha_sentence_mse / alpha_sentence_cos, or from a sentence-transformers teacher.")
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval().to(self.device)
+        dense = load_dense(Path(model_dir))
+        self.dense = dense.to(self.device) if dense is not None else None
+        self.max_length = max_length or self.pooling.max_seq_length or 512
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(len(texts), dim) float32 embeddings on the CPU, in the order of `texts`."""
+        # Batches of similar lengths (longest first) waste little on padding; the result is in the input order.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            out.append(embed(hidden, batch["attention_mask"], self.pooling, self.dense).cpu())
+        if not out:
+            return torch.zeros(0, int(self.model.config.hidden_size))
+        embeddings = torch.cat(out)
+        return embeddings[torch.argsort(torch.as_tensor(order))]
+
+
 def encode(model_dir: str, texts: list[str], batch_size: int = 32, max_length: int | None = None,
            pooling: SentencePooling | None = None) -> torch.Tensor:
-    """Sentence embeddings of `texts` from a sentence-transformers directory (a teacher, or a student written by
-    `distil train`), computed by distil: the model's last hidden states, pooled, through Dense, normalised.
-    `pooling` stands in for the directory's own (for a plain `transformers` directory, e.g. a student straight
-    from `distil init-student`)."""
-    from transformers import AutoModel
-
-    from distil.loading import load_tokenizer, resolve_source
-
-    model_dir = resolve_source(model_dir)
-    pooling = pooling or teacher_pooling(model_dir)
-    if pooling is None:
-        raise DistilError(f"{model_dir} has no {MODULES_FILE}: it is no sentence-transformers directory. Train with "
-                          "loss.alpha_sentence_mse / alpha_sentence_cos, or from a sentence-transformers teacher.")
-    tokenizer = load_tokenizer(model_dir)
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    dense = load_dense(Path(model_dir))
-    limit = max_length or pooling.max_seq_length or 512
-    # Batches of similar lengths (longest first) waste little on padding; the result is in the input order.
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
-                          max_length=limit, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        out.append(embed(hidden, batch["attention_mask"], pooling, dense))
-    if not out:
-        return torch.zeros(0, int(model.config.hidden_size))
-    embeddings = torch.cat(out)
-    return embeddings[torch.argsort(torch.as_tensor(order))]
+    """Sentence embeddings of `texts` from a sentence-transformers directory: `SentenceEncoder(...).encode`."""
+    return SentenceEncoder(model_dir, pooling, max_length).encode(texts, batch_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distil.errors import DistilError
-from distil.evaluation import lm_quality, retention, speed, table
+from distil.evaluation import embedding_quality, lm_quality, retention, speed, table
 from distil.loading import check_exists, load_tokenizer
 from distil.outputs import check_output_dir, check_writable, remove_stale_leftovers, write_json_atomic
 
@@ -132,6 +132,12 @@ def evaluate(
     text_columns: list[str] | None = None,
     label_column: str = "label",
     task_output_dir: str | None = None,
+    sts: str | None = None,
+    retrieval: str | None = None,
+    classification: list[str] | None = None,
+    mteb: list[str] | None = None,
+    neighbours_k: int = 10,
+    knn_k: int = 10,
     output: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -139,7 +145,9 @@ def evaluate(
     """Evaluate `models` (paths, hub ids or NAME=PATH); print a Markdown table and return the results.
 
     data: one prepared directory (its `split` is read) or text files. The result (also written as JSON to
-    `output`) holds per model "lm", "fidelity", "size", "architecture", "speed", "downstream", "notes", then
+    `output`) holds per model "lm", "fidelity", "size", "architecture", "speed", "downstream", "embedding"
+    (distil.evaluation.embedding_quality: agreement with the first model's embeddings on `data`, and the
+    labelled `sts` / `retrieval` / `classification` files and `mteb` tasks), "notes", then
     "speed_check" (do identical architectures time alike?), "ratios" to the first model and "markdown".
     """
     named = parse_model_specs(models)
@@ -160,6 +168,7 @@ def evaluate(
         raise DistilError(f"--mlm-probability must be in (0, 1), got {mlm_probability}.")
     if cpu_threads is not None and cpu_threads < 1:
         raise DistilError(f"--threads must be at least 1, got {cpu_threads}.")
+    embedding_tasks = embedding_quality.load_tasks(sts, retrieval, classification, mteb, neighbours_k, knn_k)
     with _torch_threads(cpu_threads):
         lm_device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -229,6 +238,18 @@ def evaluate(
             del speed_bases
             gc.collect()
 
+        heldout_texts = None
+        if text is not None:
+            heldout_texts = fidelity_texts or lm_quality.texts_for_fidelity(text, [load_tokenizer(p) for _, p in named])
+        embedded = embedding_quality.evaluate_embeddings(named, heldout_texts, embedding_tasks, max_length, batch_size,
+                                                         lm_device)
+        for entry, (scores, note) in zip(results, embedded):
+            entry["embedding"] = scores
+            if note:
+                entry["notes"].append(note)
+            if scores is not None and text is not None and heldout_texts is None:
+                entry["notes"].append("embedding agreement skipped: the prepared data's ids match no model's tokenizer")
+
         task_settings = None
         if task_train:
             seed_list = [first_seed + i for i in range(seeds)]
@@ -251,6 +272,8 @@ def evaluate(
                           "devices": speed_devices, "cpu_threads": torch.get_num_threads(),
                           "method": "interleaved rounds"} if speed_devices else None,
                 "task": task_settings,
+                "embedding": {**embedding_tasks.settings, "heldout_texts": len(heldout_texts) if heldout_texts else None}
+                if any(scores is not None for scores, _ in embedded) else None,
             },
             "models": results,
             "speed_check": speed_check,

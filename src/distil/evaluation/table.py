@@ -36,7 +36,18 @@ METRICS: list[tuple[str, str, str, str | None]] = [
     ("task_accuracy_std", "task accuracy, std over seeds (points)", "points", None),
     ("task_macro_f1", "task macro-F1 (mean over seeds)", "percent", "ratio"),
     ("task_macro_f1_std", "task macro-F1, std over seeds (points)", "points", None),
+    # Embedding quality (distil.evaluation.embedding_quality). The two agreements are already relative to the
+    # first model (1.0 for itself), so they carry no ratio.
+    ("similarity_spearman", "pairwise-similarity Spearman to the first model", "4", None),
+    ("neighbour_agreement", "nearest-neighbour agreement with the first model", "percent", None),
+    ("sts_spearman", "STS Spearman (cosine vs gold)", "4", "ratio"),
+    ("retrieval_ndcg_at_10", "retrieval nDCG@10", "4", "ratio"),
+    ("retrieval_recall_at_10", "retrieval recall@10", "percent", "ratio"),
+    ("retrieval_mrr_at_10", "retrieval MRR@10", "4", "ratio"),
+    ("knn_accuracy", "kNN classification accuracy", "percent", "ratio"),
+    ("knn_macro_f1", "kNN classification macro-F1", "percent", "ratio"),
 ]
+MTEB_PREFIX = "mteb:"  # rows "mteb:TASK", one per MTEB task, added after METRICS
 LABELS = {key: label for key, label, _, _ in METRICS}
 DOUBTFUL = "⚠"
 
@@ -67,12 +78,37 @@ def flat_metrics(model: dict) -> dict[str, float]:
             flat[f"task_{score}"] = downstream[score]["mean"]
             if len(downstream.get("seeds") or []) > 1:  # one run has no spread to show
                 flat[f"task_{score}_std"] = downstream[score]["std"]
+    flat.update(_embedding_metrics(model.get("embedding") or {}))
     return flat
+
+
+def _embedding_metrics(embedding: dict) -> dict[str, float]:
+    flat = {key: embedding[key] for key in ("similarity_spearman", "neighbour_agreement", "sts_spearman")
+            if embedding.get(key) is not None}
+    for key in ("ndcg_at_10", "recall_at_10", "mrr_at_10"):
+        if (embedding.get("retrieval") or {}).get(key) is not None:
+            flat[f"retrieval_{key}"] = embedding["retrieval"][key]
+    for key in ("accuracy", "macro_f1"):
+        if (embedding.get("knn") or {}).get(key) is not None:
+            flat[f"knn_{key}"] = embedding["knn"][key]
+    for task, result in (embedding.get("mteb") or {}).items():
+        flat[f"{MTEB_PREFIX}{task}"] = result["main_score"]
+    return flat
+
+
+def metric_rows(flats: list[dict[str, float]]) -> list[tuple[str, str, str, str | None]]:
+    """METRICS, then one row per MTEB task that some model has (its main score)."""
+    tasks = sorted({key for flat in flats for key in flat if key.startswith(MTEB_PREFIX)})
+    return METRICS + [(key, f"MTEB {key[len(MTEB_PREFIX):]} (main score)", "4", "ratio") for key in tasks]
+
+
+def label_of(key: str) -> str:
+    return LABELS.get(key) or f"MTEB {key[len(MTEB_PREFIX):]} (main score)"
 
 
 def ratios_to_first(flats: list[dict[str, float]]) -> list[dict[str, float]]:
     """Per model, each metric's ratio to the first model's (speed-up for latencies); missing when undefined."""
-    kinds = {key: kind for key, _, _, kind in METRICS}
+    kinds = {key: kind for key, _, _, kind in metric_rows(flats)}
     first = flats[0] if flats else {}
     result = []
     for flat in flats:
@@ -106,7 +142,7 @@ def markdown_table(names: list[str], flats: list[dict[str, float]], ratios: list
     for the metrics in `doubtful` (speed ratios from a machine too busy to time reliably)."""
     header = "| metric | " + " | ".join(f"{name}{' (ratio to first)' if i else ''}" for i, name in enumerate(names)) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
-    for key, label, style, kind in METRICS:
+    for key, label, style, kind in metric_rows(flats):
         if all(key not in flat for flat in flats):
             continue
         cells = []
@@ -145,6 +181,7 @@ def results_markdown(results: dict) -> str:
         t = settings["task"]
         described.append(f"task: {t['train_file']} -> {t['eval_file']}, seeds {t['seeds']}, epochs {t['epochs']}, "
                          f"lr {t['lr']}, batch {t['batch_size']}, max length {t['max_length']}")
+    described += _embedding_settings(settings.get("embedding") or {})
     lines += [f"- {d}" for d in described]
     lines += _speed_check_lines(speed_check)
     for model in models:
@@ -153,6 +190,28 @@ def results_markdown(results: dict) -> str:
     for i, model in enumerate(models):
         lines.append(f"- model {i + 1} `{model['name']}` = {model['path']}")
     return "\n".join(lines) + "\n"
+
+
+def _embedding_settings(embedding: dict) -> list[str]:
+    if not embedding:
+        return []
+    lines = []
+    if embedding.get("heldout_texts"):
+        lines.append(f"embeddings: agreement with the first model on {embedding['heldout_texts']} held-out texts "
+                     f"(Spearman of all pairwise cosines; share of its {embedding.get('neighbours_k')} nearest "
+                     "neighbours found, ties to the earlier text)")
+    if embedding.get("sts"):
+        lines.append(f"STS pairs: {embedding['sts']['file']} ({embedding['sts']['pairs']} pairs)")
+    if embedding.get("retrieval"):
+        r = embedding["retrieval"]
+        lines.append(f"retrieval: {r['directory']} ({r['queries']} queries, {r['corpus']} documents)")
+    if embedding.get("classification"):
+        c = embedding["classification"]
+        lines.append(f"kNN classification (k = {embedding.get('knn_k')}, cosine, majority vote): {c['files']} "
+                     f"({c['train']} train, {c['test']} test)")
+    if embedding.get("mteb"):
+        lines.append(f"MTEB tasks: {', '.join(embedding['mteb'])}")
+    return lines
 
 
 def _speed_check_lines(check: dict) -> list[str]:
