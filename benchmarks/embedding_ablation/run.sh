@@ -54,15 +54,15 @@ train_and_score() {
             { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }  # the other rows go on
     fi
     [[ -f $R/results/$name@$seed.json ]] || nice -n 5 "$PYTHON" "$HERE/ablation.py" score "$R/cases" \
-        "$run/student" "$R/results/$name@$seed.json" "$R/results/teacher.similarities.npy" >> "$R/logs/$name@$seed.log" 2>&1
+        "$run/student" "$R/results/$name@$seed.json" "$R/results/teacher.embeddings.npy" >> "$R/logs/$name@$seed.log" 2>&1
     stamp "done $name seed $seed"
 }
 export R HERE DISTIL PYTHON STEPS
 [[ -f $R/results/teacher.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$T" "$R/results/teacher.json"
 [[ -f $R/results/copied.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$R/student-init" \
-    "$R/results/copied.json" "$R/results/teacher.similarities.npy"
+    "$R/results/copied.json" "$R/results/teacher.embeddings.npy"
 [[ -f $R/results/pruned-copied.json ]] || "$PYTHON" "$HERE/ablation.py" score "$R/cases" "$R/student-pruned" \
-    "$R/results/pruned-copied.json" "$R/results/teacher.similarities.npy"
+    "$R/results/pruned-copied.json" "$R/results/teacher.embeddings.npy"
 run_rows train_and_score
 
 # 4. speed (interleaved rounds) and the table

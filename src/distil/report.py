@@ -2,7 +2,8 @@
 
 From each run's metrics.jsonl: the training loss terms, the held-out losses (student solid, teacher dashed),
 the learning rate and the throughput over steps, every run overlaid in the same plots under its name. From a
-`distil evaluate` JSON: bar charts of quality, size and speed per model, and its comparison table. Everything
+`distil evaluate` JSON: bar charts of quality, size, speed and embedding quality per model, a scatter of each
+embedding model's pairwise cosines against the first model's, and its comparison table. Everything
 goes into one directory, written atomically (a failed report leaves nothing behind).
 """
 

@@ -3,9 +3,10 @@
 For every model, in the order given (the first is the one the others are measured against, normally the
 teacher): held-out LM quality on fixed targets, hidden-state fidelity to a reference model, parameters and
 weights on disk, CPU (and GPU) latency and throughput, and, with a labelled task, accuracy and macro-F1
-after identical fine-tuning. Every number also appears as a ratio to the first model's. The pieces live in
-distil.evaluation; this module runs them one model at a time, except speed: the base models are kept (on CPU)
-and timed together in interleaved rounds, so that load on the machine hits every model alike.
+after identical fine-tuning; for embedding models, agreement with the first model's embeddings and scores on
+labelled embedding tasks (embedding_quality). Every number also appears as a ratio to the first model's. The
+pieces live in distil.evaluation; this module runs them one model at a time, except speed: the base models are
+kept (on CPU) and timed together in interleaved rounds, so that load on the machine hits every model alike.
 """
 
 from __future__ import annotations
