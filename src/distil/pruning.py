@@ -241,8 +241,6 @@ def measure_importance(model, sequences: list[np.ndarray], pad_id: int, batch_si
     """Activation importance of channels, heads and neurons of `model` on `sequences` (see the module doc)."""
     import torch
 
-    from distil.data.dataset import pad_batch
-
     layout = layout_for(model)
     modules = dict(model.named_modules())
     n_layers = len(modules[layout.blocks])
@@ -279,18 +277,15 @@ def measure_importance(model, sequences: list[np.ndarray], pad_id: int, batch_si
     for i in range(n_layers):
         handles.append(modules[f"{layout.blocks}.{i}.{layout.attn_out}"].register_forward_pre_hook(heads_hook(i)))
         handles.append(modules[f"{layout.blocks}.{i}.{layout.ffn_down}"].register_forward_pre_hook(neurons_hook(i)))
-    extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
     tokens = 0
     try:
-        with torch.no_grad():
-            for start in range(0, len(sequences), batch_size):
-                ids, mask = pad_batch(sequences[start : start + batch_size], pad_id)
-                current["mask"] = mask
-                # Channel scores of one sequence are summed over the norms before the L2 over sequences.
-                current["channels"] = torch.zeros(len(ids), sizes.hidden_size, dtype=torch.float64)
-                model.base_model(input_ids=ids, attention_mask=mask, **extra)
-                squares["channels"] += current["channels"].square().sum(0)
-                tokens += int(mask.sum())
+        for ids, mask, run in calibration_batches(model, sequences, pad_id, batch_size):
+            current["mask"] = mask
+            # Channel scores of one sequence are summed over the norms before the L2 over sequences.
+            current["channels"] = torch.zeros(len(ids), sizes.hidden_size, dtype=torch.float64)
+            run()
+            squares["channels"] += current["channels"].square().sum(0)
+            tokens += int(mask.sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -341,8 +336,6 @@ def measure_norm_corrections(model, sequences: list[np.ndarray], pad_id: int, ch
     teacher's own inputs to it on the calibration sample; empty when every channel is kept."""
     import torch
 
-    from distil.data.dataset import pad_batch
-
     layout = layout_for(model)
     if list(channels) == list(range(teacher_sizes(model.config).hidden_size)):
         return {}
@@ -357,18 +350,29 @@ def measure_norm_corrections(model, sequences: list[np.ndarray], pad_id: int, ch
         sums.add_(torch.stack([(scale * real).sum(), (shift * real).sum()]))
 
     handle = norm.register_forward_pre_hook(record)
-    extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
     tokens = 0
     try:
-        with torch.no_grad():
-            for start in range(0, len(sequences), batch_size):
-                ids, mask = pad_batch(sequences[start : start + batch_size], pad_id)
-                current["mask"] = mask
-                model.base_model(input_ids=ids, attention_mask=mask, **extra)
-                tokens += int(mask.sum())
+        for _, mask, run in calibration_batches(model, sequences, pad_id, batch_size):
+            current["mask"] = mask
+            run()
+            tokens += int(mask.sum())
     finally:
         handle.remove()
     return {layout.embedding_norm: NormCorrection(float(sums[0]) / tokens, float(sums[1]) / tokens)}
+
+
+def calibration_batches(model, sequences: list, pad_id: int, batch_size: int):
+    """(ids, mask, run) per batch of the calibration sequences: run() feeds the batch through the model's base,
+    without gradients, so that the caller's hooks see it once the caller has set up what they read."""
+    import torch
+
+    from distil.data.dataset import pad_batch
+
+    extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[start : start + batch_size], pad_id)
+        yield ids, mask, torch.no_grad()(lambda ids=ids, mask=mask: model.base_model(input_ids=ids, attention_mask=mask,
+                                                                                     **extra))
 
 
 def top_indices(scores: np.ndarray, keep: int) -> list[int]:
