@@ -108,6 +108,9 @@ def _add_init_student(sub) -> None:
     p.add_argument("--architecture", choices=["auto", "distilbert", "same"], default="auto",
                    help="student architecture: auto (DistilBERT for BERT teachers, else the teacher's own), "
                         "distilbert, or same (default auto)")
+    p.add_argument("--objective", choices=["auto", "embedding"], default="auto",
+                   help="auto: the teacher's language model with its LM head; embedding: the base model of a "
+                        "sentence encoder, no LM head (for recipes with loss.objective: embedding; default auto)")
     width = p.add_argument_group(
         "width pruning", "Minitron-style: keep the embedding channels, heads and FFN neurons most active on calibration "
         "data (BERT/DistilBERT, RoBERTa, Llama-family); combines with --layers / --num-layers")
@@ -429,6 +432,7 @@ def run(args: argparse.Namespace) -> int | None:
             hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
             calibration_data=args.calibration_data, calibration_sequences=args.calibration_sequences,
             transplant_vocabulary=args.transplant_vocabulary,
+            objective=args.objective,
         )
     elif args.command == "train":
         from distil.config import load_config

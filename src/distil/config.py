@@ -46,6 +46,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     objective: str = "auto"             # auto (from the teacher: encoder -> mlm, decoder -> clm) | mlm | clm
+                                        # | embedding (a sentence encoder: no LM head, clean text, no logit terms)
     temperature: float = 2.0
     alpha_ce: float = 0.5               # soft-target divergence (loss.divergence, forward KL by default) * T^2
     divergence: str = "forward_kl"      # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
@@ -473,9 +474,16 @@ def validate(config: TrainConfig) -> None:
         raise DistilError(f"loss.pooling must be auto, mean, cls, last or max, got {loss.pooling!r}.")
     if loss.normalize_embeddings not in ("auto", True, False):
         raise DistilError(f"loss.normalize_embeddings must be auto, true or false, got {loss.normalize_embeddings!r}.")
-    if loss.objective not in ("auto", "mlm", "clm"):
-        raise DistilError(f"loss.objective must be auto, mlm or clm, got {loss.objective!r} (auto: masked-LM for encoder "
-                          "teachers such as BERT, causal-LM for decoders such as GPT-2 and Llama).")
+    if loss.objective not in ("auto", "mlm", "clm", "embedding"):
+        raise DistilError(f"loss.objective must be auto, mlm, clm or embedding, got {loss.objective!r} (auto: masked-LM "
+                          "for encoder teachers such as BERT, causal-LM for decoders such as GPT-2 and Llama; "
+                          "embedding: a sentence encoder distilled from hidden states, with no LM head).")
+    if loss.objective == "embedding":
+        _check_embedding_terms(loss)
+        if config.teacher.cache:
+            raise DistilError("teacher.cache is set with loss.objective=embedding: a teacher-signal store holds an LM "
+                              "head's outputs on the text it scored (masked, for an encoder), and an embedding run "
+                              "compares states on clean text with the live teacher. Unset teacher.cache.")
     # What can be checked without the teacher; `auto` is resolved and checked against it when training starts.
     if loss.objective == "mlm" and loss.alpha_clm > 0:
         raise DistilError("loss.objective is mlm but loss.alpha_clm is set: the causal-LM loss needs a causal objective. "
@@ -517,6 +525,30 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "collective_timeout_s"):
         if getattr(r, name) < 0 or (name in ("log_every", "keep_checkpoints", "collective_timeout_s") and getattr(r, name) < 1):
             raise DistilError(f"run.{name} must be positive, got {getattr(r, name)}.")
+
+
+LOGIT_KEYS = ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse")
+
+
+def _check_embedding_terms(loss: LossConfig) -> None:
+    """An embedding student has no LM head: what needs logits or masked text has nothing to act on."""
+    for key in LOGIT_KEYS:
+        value = getattr(loss, key)
+        if value > 0:
+            default = next(f.default for f in fields(LossConfig) if f.name == key)
+            raise DistilError(
+                f"loss.{key} is {value:g}{' (its default)' if value == default else ''} but loss.objective is embedding: "
+                "the student is a sentence encoder with no LM head, so there are no logits to compare or to train. "
+                f"Set loss.{key}: 0 and use the hidden-state, sentence or attention terms (alpha_cos, "
+                "alpha_hidden_mse, alpha_sentence_cos, alpha_sentence_mse, alpha_relation, alpha_attention), or "
+                "use loss.objective=mlm with a teacher that has an MLM head."
+            )
+    if loss.restrict_ce_to_mask:
+        raise DistilError("loss.restrict_ce_to_mask is set with loss.objective=embedding, which has no soft-target "
+                          "term and no masked tokens. Unset loss.restrict_ce_to_mask.")
+    if loss.on_policy_fraction > 0:
+        raise DistilError("loss.on_policy_fraction is set with loss.objective=embedding: on-policy distillation needs "
+                          "a causal student that writes text. Set loss.on_policy_fraction=0.")
 
 
 def _check_on_policy(config: TrainConfig) -> None:

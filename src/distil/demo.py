@@ -93,7 +93,8 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
         prepare([str(root / "data/demo/train.txt.gz")], TEACHER, str(data_dir),
                 heldout_files=[str(root / "data/demo/heldout.txt.gz")], max_length=128)
 
-    print("\n== 2/4 init-student + train: 3 of the teacher's 6 layers, distilled from its hidden states")
+    print("\n== 2/4 init-student + train: a sentence-embedding student (loss.objective: embedding) of 3 of the "
+          "teacher's 6 layers, distilled from its hidden states")
     overrides = [f"data.path={data_dir}", f"run.output_dir={out / 'run'}"]
     if steps is not None:
         overrides.append(f"optim.max_steps={steps}")

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 CARD = "README.md"
 TAGS = ["distillation", "knowledge-distillation", "distil"]
 PIPELINE = {"mlm": "fill-mask", "clm": "text-generation", "hidden": "feature-extraction"}
+POOLING_WORDS = {"mean": "mean pooling", "cls": "CLS pooling", "max": "max pooling", "last": "last-token pooling"}
 # distil evaluate's metrics that go into model-index: (flat key, metric type, name, scale to report)
 INDEX_METRICS = [
     ("mlm_accuracy", "accuracy", "masked-token accuracy (held-out)", 100.0),
@@ -97,8 +98,28 @@ def objective_in_words(objective: str, weights: dict[str, float], temperature: f
         "sentence_cos": "the teacher's pooled sentence embeddings (cosine distance)",
     }
     parts = [f"{words[name]} x {weight:g}" for name, weight in weights.items() if name in words]
+    if objective == "embedding":
+        return ("Trained on clean text (no masking, as at inference) to match " + "; ".join(parts) + ". It has no "
+                "language-model head (loss.objective: embedding): it is the base model plus its sentence-transformers "
+                "modules.")
     kind = "masked-LM" if objective == "mlm" else "causal-LM"
     return f"A {kind} student trained to match " + "; ".join(parts) + "."
+
+
+def embedding_in_words(teacher: str, embedding: dict) -> str:
+    """What a sentence-embedding student is: its depth, output dimension, pooling and normalisation.
+    `embedding`: pooling, normalize, dimension, hidden_size, layers, teacher_layers, teacher_num_layers."""
+    layers = f"{embedding['layers']} layers"
+    if embedding.get("teacher_layers"):
+        of = f" of {embedding['teacher_num_layers']}" if embedding.get("teacher_num_layers") else ""
+        layers += f" (teacher layers {', '.join(map(str, embedding['teacher_layers']))}{of})"
+    dimension = f"{embedding['dimension']} dimensions"
+    hidden = embedding.get("hidden_size")
+    if hidden and hidden != embedding["dimension"]:
+        dimension += f" (its {hidden}-wide states through a learned Dense map into the teacher's space)"
+    normalised = "L2-normalised" if embedding["normalize"] else "not normalised"
+    pooling = POOLING_WORDS.get(embedding["pooling"], f"{embedding['pooling']} pooling")
+    return f"A sentence-embedding student of {teacher}: {layers}, {dimension}, {pooling}, {normalised}."
 
 
 def render_card(metadata: dict, body: str) -> str:
@@ -107,8 +128,10 @@ def render_card(metadata: dict, body: str) -> str:
 
 def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: dict[str, float], temperature: float,
                  recipe: dict, steps: int, tokens_seen: int, n_parameters: int, heldout: dict,
-                 dataset: str | None = None, sentence_transformers: bool = False) -> str:
-    """README.md for a student written by `distil train` (`sentence_transformers`: the directory is one too)."""
+                 dataset: str | None = None, sentence_transformers: bool = False,
+                 embedding: dict | None = None) -> str:
+    """README.md for a student written by `distil train` (`sentence_transformers`: the directory is one too;
+    `embedding`: what a sentence-embedding student is, see embedding_in_words)."""
     metadata: dict = {}
     if is_hub_id(teacher):
         metadata["base_model"] = teacher
@@ -121,17 +144,24 @@ def student_card(*, teacher: str, objective: str, has_lm_head: bool, weights: di
         metadata["license"] = licence
     if dataset:
         metadata["datasets"] = [dataset]
-    lines = [
-        f"# Student distilled from {teacher}", "",
-        f"Made with distil's `distil train` ({recipe.get('name') or 'custom recipe'}):"
-        f" {steps:,} optimizer steps, {tokens_seen:,} tokens seen, {n_parameters / 1e6:.1f}M parameters.", "",
-        objective_in_words(objective, weights, temperature, recipe.get("loss"),
-                           (recipe.get("teacher") or {}).get("cache")), "",
-        "Load it with plain transformers:", "", "```python",
-        "from transformers import AutoModel, AutoTokenizer",
-        "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
-    ]
-    if sentence_transformers:
+    made = (f"Made with distil's `distil train` ({recipe.get('name') or 'custom recipe'}):"
+            f" {steps:,} optimizer steps, {tokens_seen:,} tokens seen, {n_parameters / 1e6:.1f}M parameters.")
+    trained = objective_in_words(objective, weights, temperature, recipe.get("loss"),
+                                 (recipe.get("teacher") or {}).get("cache"))
+    transformers_load = ["```python", "from transformers import AutoModel, AutoTokenizer",
+                         "model = AutoModel.from_pretrained(PATH); tokenizer = AutoTokenizer.from_pretrained(PATH)",
+                         "```", ""]
+    if embedding is not None:
+        lines = [f"# Sentence-embedding student distilled from {teacher}", "", embedding_in_words(teacher, embedding),
+                 "", made, "", trained, "", "Load it with sentence-transformers:", "", "```python",
+                 "from sentence_transformers import SentenceTransformer",
+                 "embeddings = SentenceTransformer(PATH).encode(sentences)", "```", "",
+                 "or its base model with plain transformers (last hidden states, to pool as above):", "",
+                 *transformers_load]
+    else:
+        lines = [f"# Student distilled from {teacher}", "", made, "", trained, "",
+                 "Load it with plain transformers:", "", *transformers_load]
+    if sentence_transformers and embedding is None:
         lines += ["or as a sentence encoder:", "", "```python", "from sentence_transformers import SentenceTransformer",
                   "embeddings = SentenceTransformer(PATH).encode(sentences)", "```", ""]
     if heldout:

@@ -10,9 +10,11 @@ from distil.errors import DistilError
 
 
 def auto_class(objective: str, base: bool = False):
+    """The transformers class a run loads its models with: the base model for the embedding objective (no LM
+    head is built), else the masked-LM or causal-LM model."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    if base:
+    if base or objective == "embedding":
         return AutoModel
     return AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
 
@@ -29,11 +31,30 @@ def is_causal(config) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def check_embedding_teacher(teacher_config, name: str) -> None:
+    """The embedding objective's teacher must be an encoder (a type that is neither, e.g. an encoder with no LM
+    class in transformers, is let through: the hidden-state terms only need its states)."""
+    if is_bidirectional(teacher_config) or not (is_causal(teacher_config)
+                                                 or getattr(teacher_config, "is_decoder", False)):
+        return
+    raise DistilError(
+        f"loss.objective=embedding distils a sentence encoder, but the teacher {name} is a {teacher_config.model_type} "
+        "decoder: each of its positions sees only the tokens before it, so its mean, CLS or max-pooled states are no "
+        "sentence embedding of the whole input. Use an encoder teacher (BERT, RoBERTa, MiniLM, MPNet, ...), or "
+        "loss.objective=auto (causal-LM) for this teacher."
+    )
+
+
 def resolve_objective(config: TrainConfig, teacher_config) -> str:
-    """mlm or clm: loss.objective, or (auto) the teacher's own, checked against the teacher and the loss weights."""
+    """mlm, clm or embedding: loss.objective, or (auto) the teacher's own, checked against the teacher and the loss
+    weights. auto never picks embedding: a head-less encoder with logit terms is refused (training.models) with a
+    message that names it, so a recipe says what its student is."""
     loss, name = config.loss, config.teacher.path
     encoder = is_bidirectional(teacher_config)
     objective = loss.objective
+    if objective == "embedding":
+        check_embedding_teacher(teacher_config, name)
+        return objective
     if objective == "auto":
         if not (encoder or is_causal(teacher_config)):
             raise DistilError(
@@ -58,9 +79,17 @@ def resolve_objective(config: TrainConfig, teacher_config) -> str:
     return objective
 
 
+# Words in the weight names of LM heads (BERT's cls.predictions, DistilBERT's vocab_*, GPT's lm_head, XLM's
+# pred_layer).
+HEAD_WORDS = ("cls.", "lm_head", "vocab_", "predictions", "pred_layer")
+
+
+def is_head_weight(key: str) -> bool:
+    return any(w in key for w in HEAD_WORDS)
+
+
 def head_missing(info: dict) -> bool:
-    head_words = ("cls.", "lm_head", "vocab_", "predictions", "pred_layer")
-    return any(any(w in key for w in head_words) for key in info.get("missing_keys", []))
+    return any(is_head_weight(key) for key in info.get("missing_keys", []))
 
 
 def learned_position_limit(model: torch.nn.Module) -> int | None:

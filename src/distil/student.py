@@ -5,6 +5,8 @@ with architecture="same") gives a student of its own architecture with fewer lay
 shrunk, the model is built from it (so per-layer attributes such as Llama's `layer_idx` are right for
 the new positions) and the teacher's state dict is loaded with block index i_teacher renamed to
 i_student. Either way, a student made from all teacher layers computes exactly what the teacher does.
+For a sentence-embedding student (objective="embedding") the base model is built instead (DistilBertModel,
+BertModel, ...): the teacher's LM head, when it has one, is left behind, and none is made up when it has not.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomi
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("auto", "distilbert", "same")
+OBJECTIVES = ("auto", "embedding")  # auto: the teacher's LM class with its head; embedding: the base model
 INIT_FILE = "distil_init.json"
 DISTILBERT_LAYER_NORM_EPS = 1e-12  # DistilBERT's modules hard-code this epsilon
 
@@ -118,16 +121,22 @@ def init_student(
     calibration_data: str | None = None,
     calibration_sequences: int = 256,
     transplant_vocabulary: bool = False,
+    objective: str = "auto",
 ) -> dict:
     """Write a student built from teacher layers to `output_dir` and return a summary of what was made.
 
     The student gets the teacher's tokenizer, or `tokenizer` (a directory or hub id) for a teacher saved without one.
     `hidden_size`, `intermediate_size` and `num_heads` prune the width too (distil.pruning), ranking channels, heads
     and neurons by their activations on `calibration_sequences` sequences of the prepared `calibration_data`.
-    `transplant_vocabulary` gives the student `tokenizer`'s own vocabulary (distil.cross_tokenizer.transplant)."""
+    `transplant_vocabulary` gives the student `tokenizer`'s own vocabulary (distil.cross_tokenizer.transplant).
+    `objective` "embedding" builds the base model with no LM head (the student of a sentence encoder)."""
     start = time.perf_counter()
     if architecture not in ARCHITECTURES:
         raise DistilError(f"Unknown student architecture {architecture!r}. Choose one of {', '.join(ARCHITECTURES)}.")
+    if objective not in OBJECTIVES:
+        raise DistilError(f"Unknown student objective {objective!r}. Choose auto (the teacher's language model, with "
+                          "its head) or embedding (the base model of a sentence encoder, no head).")
+    base = objective == "embedding"
     config = load_config(teacher)
     num_teacher_layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(num_teacher_layers, int):
@@ -145,14 +154,20 @@ def init_student(
     else:
         tokenizer = _student_tokenizer(teacher, config, tokenizer, output_dir, calibration_data if width else None)
 
-    auto_class = _auto_class_for(config)
+    if base:
+        from transformers import AutoModel
+
+        from distil.model_kinds import check_embedding_teacher
+
+        check_embedding_teacher(config, teacher)
+    auto_class = AutoModel if base else _auto_class_for(config)
     logger.info("Loading teacher %s as %s", teacher, auto_class.__name__)
     model, info = load_model(teacher, auto_class, config=config)  # reusing the config skips a second GGUF parse
     model.eval()
-    had_head = _check_teacher_weights(model, info, teacher)
+    had_head = _check_teacher_weights(model, info, teacher, base)
 
     if arch == "distilbert":
-        student = bert_to_distilbert(model, chosen)
+        student = bert_to_distilbert(model, chosen, with_head=not base)
     else:
         student = same_architecture_student(model, chosen)
     pruning_record = None
@@ -174,6 +189,7 @@ def init_student(
         "teacher_layers": chosen,
         "architecture": arch,
         "teacher_had_lm_head": had_head,
+        "objective": objective,
     }
     if pruning_record is not None:
         meta["width_pruning"] = pruning_record
@@ -296,9 +312,23 @@ def _auto_class_for(config):
     )
 
 
-def _check_teacher_weights(model, info: dict, teacher: str) -> bool:
-    """Warn about weights the checkpoint lacked; return whether it had its LM head."""
+def _check_teacher_weights(model, info: dict, teacher: str, base: bool = False) -> bool:
+    """Warn about weights the checkpoint lacked; return whether it had its LM head (`base`: the teacher was loaded
+    as its base model, and a head in its checkpoint is left behind)."""
     missing = sorted(info.get("missing_keys") or [])
+    if base:
+        # A checkpoint of the LM class (BertForMaskedLM) has no pooler: no student computes with it (DistilBERT has
+        # none, sentence embeddings pool the last hidden states), so only the encoder's own weights matter.
+        body_missing = [k for k in missing if not k.startswith("pooler.")]
+        if body_missing:
+            logger.warning(
+                "The teacher checkpoint %s lacks %d encoder weights (e.g. %s); they are random, so the student copies "
+                "random weights there. Check that the checkpoint matches its config.json.",
+                teacher, len(body_missing), ", ".join(body_missing[:3]),
+            )
+        from distil.model_kinds import is_head_weight
+
+        return any(is_head_weight(key) for key in info.get("unexpected_keys") or [])
     prefix = f"{model.base_model_prefix}."
     head_missing = [k for k in missing if not k.startswith(prefix)]
     body_missing = [k for k in missing if k.startswith(prefix)]
@@ -378,12 +408,13 @@ def _count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
 
 
-def bert_to_distilbert(teacher, layers: list[int]):
-    """A DistilBertForMaskedLM holding the BERT teacher's embeddings, chosen layers and MLM head."""
-    from transformers import DistilBertConfig, DistilBertForMaskedLM
+def bert_to_distilbert(teacher, layers: list[int], with_head: bool = True):
+    """A DistilBertForMaskedLM holding the BERT teacher's embeddings, chosen layers and MLM head; without the head
+    (`with_head` False), a DistilBertModel, from a BertForMaskedLM or a bare BertModel teacher."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertModel
 
     cfg = teacher.config
-    if not hasattr(teacher, "cls") or not hasattr(teacher, "bert"):
+    if with_head and not (hasattr(teacher, "cls") and hasattr(teacher, "bert")):
         raise DistilError(
             f"The BERT teacher was loaded as {type(teacher).__name__}, not BertForMaskedLM. Use --architecture same."
         )
@@ -409,8 +440,9 @@ def bert_to_distilbert(teacher, layers: list[int]):
         # A head tied to the embeddings stays tied; an untied one keeps its own copied weight.
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
     )
-    source = teacher.state_dict()
-    dtype = source["bert.embeddings.word_embeddings.weight"].dtype
+    # The encoder's weights by their BertModel names (a BertForMaskedLM keeps them under `bert.`).
+    source = getattr(teacher, "bert", teacher).state_dict()
+    dtype = source["embeddings.word_embeddings.weight"].dtype
     student_cfg.dtype = dtype
     used = set()
 
@@ -418,33 +450,35 @@ def bert_to_distilbert(teacher, layers: list[int]):
         used.add(key)
         return source[key]
 
+    body = "distilbert." if with_head else ""  # DistilBertForMaskedLM keeps its DistilBertModel there
     target = {}
-    emb = "bert.embeddings."
-    target["distilbert.embeddings.word_embeddings.weight"] = take(emb + "word_embeddings.weight")
+    emb = "embeddings."
+    target[f"{body}embeddings.word_embeddings.weight"] = take(emb + "word_embeddings.weight")
     # DistilBERT has no token-type embeddings. Dropping BERT's (as the seed did) shifts every input vector by
     # token_type_embeddings[0] and changes the outputs. Every position of a single-segment input (all token type
     # ids 0, which is how MLM distillation feeds the teacher) adds that same row, so adding it to each position
     # embedding is exact there.
-    target["distilbert.embeddings.position_embeddings.weight"] = (
+    target[f"{body}embeddings.position_embeddings.weight"] = (
         take(emb + "position_embeddings.weight") + take(emb + "token_type_embeddings.weight")[0]
     )
     for name in ("LayerNorm.weight", "LayerNorm.bias"):
-        target[f"distilbert.embeddings.{name}"] = take(emb + name)
+        target[f"{body}embeddings.{name}"] = take(emb + name)
     for student_idx, teacher_idx in enumerate(layers):
         for bert_name, distil_name in _BERT_TO_DISTILBERT_BLOCK.items():
             for kind in ("weight", "bias"):
-                target[f"distilbert.transformer.layer.{student_idx}.{distil_name}.{kind}"] = take(
-                    f"bert.encoder.layer.{teacher_idx}.{bert_name}.{kind}"
+                target[f"{body}transformer.layer.{student_idx}.{distil_name}.{kind}"] = take(
+                    f"encoder.layer.{teacher_idx}.{bert_name}.{kind}"
                 )
-    for bert_key, distil_key in _BERT_TO_DISTILBERT_HEAD.items():
-        target[distil_key] = take(bert_key)
-    used.add("cls.predictions.bias")  # unused by BERT's forward (see _BERT_TO_DISTILBERT_HEAD)
+    if with_head:
+        head = teacher.state_dict()
+        for bert_key, distil_key in _BERT_TO_DISTILBERT_HEAD.items():
+            target[distil_key] = head[bert_key]
 
-    layer_key = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+    layer_key = re.compile(r"^encoder\.layer\.(\d+)\.")
 
     def left_out_on_purpose(key: str) -> bool:
         m = layer_key.match(key)
-        return key.startswith("bert.pooler.") or (m is not None and int(m.group(1)) not in layers)
+        return key.startswith("pooler.") or (m is not None and int(m.group(1)) not in layers)
 
     unmapped = [k for k in source if k not in used and not left_out_on_purpose(k)]
     if unmapped:
@@ -452,7 +486,7 @@ def bert_to_distilbert(teacher, layers: list[int]):
             f"This BERT teacher has weights DistilBERT has no place for ({', '.join(unmapped[:4])}). "
             "Use --architecture same to keep the teacher's own architecture."
         )
-    student = DistilBertForMaskedLM(student_cfg).to(dtype)
+    student = (DistilBertForMaskedLM if with_head else DistilBertModel)(student_cfg).to(dtype)
     _load_exact(student, target)
     return student.eval()
 

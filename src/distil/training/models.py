@@ -34,7 +34,7 @@ class Models:
     tokenizer: object
     init_record: dict | None          # distil_init.json of the student, when it was built from teacher layers
     original_dropout: dict            # config dropout values to restore when saving
-    objective: str                    # mlm | clm, resolved from loss.objective and the teacher
+    objective: str                    # mlm | clm | embedding, resolved from loss.objective and the teacher
     vocab_limit: int | None = None    # output layers padded differently: logit losses on the first vocab_limit ids
     sentence_pooling: object = None   # SentencePooling: of the sentence terms, or the teacher's own (a
 
@@ -62,13 +62,23 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     teacher_dtype = resolve_teacher_dtype(config, device)
     log.info("Loading teacher %s (%s)", config.teacher.path, teacher_dtype)
     teacher, info = load_model(config.teacher.path, auto_class(objective), dtype=teacher_dtype)
-    has_head = not head_missing(info)
+    # An embedding run loads the base model: no head is built, none is asked for.
+    has_head = objective != "embedding" and not head_missing(info)
     if wants_teacher_logits and not has_head:
+        encoder_hint = (" A sentence encoder (such as a sentence-transformers model) is distilled with "
+                        "loss.objective=embedding: no LM head is built or saved, and the student is written as a "
+                        "sentence-transformers model.") if objective == "mlm" else ""
         raise DistilError(
             f"The teacher {config.teacher.path} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint holds "
             "only the encoder), so soft-target and logit losses would distil a random head. Set loss.alpha_ce and "
-            "loss.alpha_mse to 0 and use hidden-state losses (loss.alpha_cos, loss.alpha_hidden_mse), or fit a head first."
+            "loss.alpha_mse to 0 and use hidden-state losses (loss.alpha_cos, loss.alpha_hidden_mse), or fit a head "
+            f"first.{encoder_hint}"
         )
+    if not has_head and not wants_logits and objective == "mlm":
+        log.warning("The teacher %s has no MLM head and the recipe has no logit terms: the student is trained from "
+                    "hidden states and saved with an MLM head that is never trained. For a sentence encoder, "
+                    "loss.objective=embedding builds and saves no head and writes a sentence-transformers student.",
+                    config.teacher.path)
     teacher.eval().requires_grad_(False)
     # Under FSDP the models are sharded on the host and only each process's shards go to the device.
     placement = torch.device("cpu") if config.run.fsdp else device
@@ -93,7 +103,9 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
 
     vocab_limit = check_vocabularies(teacher.config, student.config, tokenizer, config,
                                      None if config.student.config else student_dir)
-    sentence_pooling = resolve_pooling(loss, config.teacher.path) if wants_sentence \
+    # An embedding student is always written as a sentence-transformers model: it pools as the recipe says (auto:
+    # as the teacher's own config, else mean).
+    sentence_pooling = resolve_pooling(loss, config.teacher.path) if wants_sentence or objective == "embedding" \
         else teacher_pooling(config.teacher.path)
     if wants_sentence:
         log.info("sentence embeddings: %s pooling%s, from %s", sentence_pooling.mode,

@@ -57,8 +57,9 @@ def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMM
     if objective == "mlm" and masker is not None:
         ids, labels = masker(ids, mask, generator=generator)
         return ids, labels, labels != -100
-    if objective == "mlm":
-        # Hidden-state losses alone: the student learns the teacher's states on clean text, as it will see it.
+    if objective in ("mlm", "embedding"):
+        # Hidden-state losses alone (always so for embedding): the student learns the teacher's states on clean
+        # text, as it will see it.
         return ids, torch.full_like(ids, -100), torch.zeros_like(mask, dtype=torch.bool)
     labels = causal_lm_labels(ids, mask)
     target_mask = torch.zeros_like(mask, dtype=torch.bool)
@@ -108,7 +109,7 @@ def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker:
 class TermSpec:
     weights: dict[str, float]        # term name -> alpha (only non-zero ones)
     temperature: float
-    objective: str                   # mlm | clm
+    objective: str                   # mlm | clm | embedding
     restrict_ce_to_mask: bool
     layer_pairs: list[tuple[int, int]]
     divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.teacher_signal.divergences
@@ -163,7 +164,8 @@ class TermSpec:
 
     @property
     def needs_masking(self) -> bool:
-        """MLM corruption only matters to losses on logits; hidden-state matching uses clean text."""
+        """MLM corruption only matters to losses on logits; hidden-state matching (and every embedding run)
+        uses clean text."""
         return self.objective == "mlm" and self.needs_logits
 
 

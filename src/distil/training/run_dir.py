@@ -86,7 +86,8 @@ def save_student(run_dir: Path, config: TrainConfig, models, student, summary: d
     """Write `student` (the trained student with all its weights) as a save_pretrained directory with the
     tokenizer, distil_init.json and the model card; as a sentence-transformers directory too when the run
     distilled sentence embeddings or its teacher is a sentence-transformers model. Learned width projections
-    are left out of the student and kept beside it in the run directory."""
+    are left out of the student and kept beside it in the run directory. An embedding run's student is its base
+    model (no LM head was ever built) and always a sentence-transformers directory."""
     for key, value in models.original_dropout.items():
         setattr(student.config, key, value)
     with projections.detached(student) as maps, \
@@ -94,15 +95,16 @@ def save_student(run_dir: Path, config: TrainConfig, models, student, summary: d
             disk_space_errors(tmp, lambda: tensor_bytes(student.state_dict()), partial=tmp):
         student.save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
+        dense = maps.maps[projections.SENTENCE_KEY] if maps is not None and \
+            projections.SENTENCE_KEY in maps.maps else None
         if models.sentence_pooling is not None:
-            dense = maps.maps[projections.SENTENCE_KEY] if maps is not None and \
-                projections.SENTENCE_KEY in maps.maps else None
             write_sentence_transformers(tmp, models.sentence_pooling, hidden_size_of(student.config), dense)
         record = dict(models.init_record or {})
         record.update({"distilled_from": config.teacher.path, "recipe": config.name or None,
                        "steps": summary["steps"], "tokens_seen": summary["tokens_seen"], "heldout": final_eval})
         write_json_atomic(tmp / "distil_init.json", record)
-        (tmp / "README.md").write_text(_model_card(config, models, summary, final_eval), encoding="utf-8")
+        embedding = _embedding_summary(models, student, dense) if models.objective == "embedding" else None
+        (tmp / "README.md").write_text(_model_card(config, models, summary, final_eval, embedding), encoding="utf-8")
     if maps is not None:
         _save_projections(run_dir / projections.PROJECTIONS_FILE, maps)
 
@@ -115,7 +117,17 @@ def _save_projections(path: Path, maps) -> None:
     os.replace(tmp, path)
 
 
-def _model_card(config, models, summary, final_eval) -> str:
+def _embedding_summary(models, student, dense) -> dict:
+    """What the model card says a sentence-embedding student is (model_card.embedding_in_words)."""
+    record = models.init_record or {}
+    hidden = hidden_size_of(student.config)
+    return {"pooling": models.sentence_pooling.mode, "normalize": models.sentence_pooling.normalize,
+            "dimension": dense.out_features if dense is not None else hidden, "hidden_size": hidden,
+            "layers": int(student.config.num_hidden_layers), "teacher_layers": record.get("teacher_layers"),
+            "teacher_num_layers": record.get("teacher_num_layers")}
+
+
+def _model_card(config, models, summary, final_eval, embedding: dict | None = None) -> str:
     from distil.data import shards
     from distil.model_card import student_card
 
@@ -127,5 +139,5 @@ def _model_card(config, models, summary, final_eval) -> str:
         temperature=config.loss.temperature, recipe=config.to_dict(), steps=summary["steps"],
         tokens_seen=summary["tokens_seen"], n_parameters=sum(p.numel() for p in models.student.parameters()),
         heldout=final_eval, dataset=dataset.get("name") if isinstance(dataset, dict) else None,
-        sentence_transformers=models.sentence_pooling is not None,
+        sentence_transformers=models.sentence_pooling is not None, embedding=embedding,
     )

@@ -20,7 +20,8 @@ STUDENT_INIT = "student-init"
 
 
 def _matches_recipe(student_dir: Path, config: TrainConfig) -> bool:
-    """Whether a student-init directory was built from the recipe's teacher, layers and architecture."""
+    """Whether a student-init directory was built from the recipe's teacher, layers, architecture and kind (with
+    an LM head, or the base model of an embedding student)."""
     from distil.student import INIT_FILE, resolve_layers
 
     try:
@@ -30,7 +31,13 @@ def _matches_recipe(student_dir: Path, config: TrainConfig) -> bool:
     except (OSError, ValueError, KeyError, TypeError, DistilError):
         return False
     return (record.get("teacher") == config.teacher.path and record.get("teacher_layers") == expected
-            and s.architecture in ("auto", record.get("architecture")))
+            and s.architecture in ("auto", record.get("architecture"))
+            and record.get("objective", "auto") == init_student_objective(config))
+
+
+def init_student_objective(config: TrainConfig) -> str:
+    """What init-student builds for the recipe: the base model for an embedding objective, else the LM."""
+    return "embedding" if config.loss.objective == "embedding" else "auto"
 
 
 def student_source(config: TrainConfig, run_dir: Path, is_main: bool, barrier) -> tuple[str, Path | None]:
@@ -56,7 +63,7 @@ def student_source(config: TrainConfig, run_dir: Path, is_main: bool, barrier) -
             log.warning("%s was built for another recipe (teacher or layers differ); building it again.", kept)
         shutil.rmtree(pending, ignore_errors=True)
         init_student(config.teacher.path, str(pending), layers=s.layers, num_layers=s.num_layers,
-                     architecture=s.architecture, overwrite=True)
+                     architecture=s.architecture, overwrite=True, objective=init_student_objective(config))
     barrier()
     return str(pending), pending
 
