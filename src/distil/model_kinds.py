@@ -38,10 +38,10 @@ def check_embedding_teacher(teacher_config, name: str) -> None:
                                                  or getattr(teacher_config, "is_decoder", False)):
         return
     raise DistilError(
-        f"loss.objective=embedding distils a sentence encoder, but the teacher {name} is a {teacher_config.model_type} "
-        "decoder: each of its positions sees only the tokens before it, so its mean, CLS or max-pooled states are no "
-        "sentence embedding of the whole input. Use an encoder teacher (BERT, RoBERTa, MiniLM, MPNet, ...), or "
-        "loss.objective=auto (causal-LM) for this teacher."
+        f"The embedding objective (loss.objective=embedding, init-student --objective embedding) distils a sentence "
+        f"encoder, but the teacher {name} is a {teacher_config.model_type} decoder: each of its positions sees only the "
+        "tokens before it, so its mean, CLS or max-pooled states are no sentence embedding of the whole input. Use an "
+        "encoder teacher (BERT, RoBERTa, MiniLM, MPNet, ...), or the auto objective (causal-LM) for this teacher."
     )
 
 

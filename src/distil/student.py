@@ -147,6 +147,12 @@ def init_student(
     arch = _resolve_architecture(config, architecture)
     chosen = resolve_layers(num_teacher_layers, layers, num_layers)
     width = _resolve_width(config, hidden_size, intermediate_size, num_heads, calibration_data)
+    if base and width is not None:
+        raise DistilError(
+            "Width pruning (--hidden-size, --intermediate-size, --num-heads) works on the language-model classes, not "
+            "on the base model that --objective embedding builds. Leave out --objective embedding: a run with "
+            "loss.objective: embedding and this student as student.path loads its base model only, and saves no head."
+        )
     _refuse_output_over_teacher(teacher, output_dir)  # first: its message says more than check_output_dir's
     check_output_dir(output_dir, overwrite)  # fail before the slow load; atomic_output_dir checks again
     if transplant_vocabulary:  # the student takes `tokenizer`'s own vocabulary; the teacher's splits its tokens
@@ -189,8 +195,9 @@ def init_student(
         "teacher_layers": chosen,
         "architecture": arch,
         "teacher_had_lm_head": had_head,
-        "objective": objective,
     }
+    if base:
+        meta["objective"] = objective  # a run's student-init is reused only for the same kind of student
     if pruning_record is not None:
         meta["width_pruning"] = pruning_record
     if transplant_record is not None:
