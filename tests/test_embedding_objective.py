@@ -175,15 +175,19 @@ def test_embedding_objective_init_student_builds_the_base_model(workspace, archi
     assert torch.allclose(ours[real], theirs[real], atol=1e-5)
 
 
-def test_embedding_objective_init_student_drops_a_teacher_mlm_head(workspace):
+@pytest.mark.parametrize("family,expected", [("bert", "DistilBertModel"), ("roberta", "RobertaModel")])
+def test_embedding_objective_init_student_drops_a_teacher_mlm_head(workspace, family, expected):
     """A teacher with an MLM head gives a base student: the head is left behind, the encoder copied exactly."""
     from transformers import AutoModel
 
     from distil.student import init_student
 
-    teacher = teacher_dir(workspace / "mlm", "bert")
-    out = workspace / "init-from-mlm"
-    init_student(str(teacher), str(out), layers=[0, 1, 2, 3], num_layers=None, overwrite=True, objective="embedding")
+    teacher = teacher_dir(workspace / "mlm", family)
+    out = workspace / f"init-from-mlm-{family}"
+    summary = init_student(str(teacher), str(out), layers=[0, 1, 2, 3], num_layers=None, overwrite=True,
+                           objective="embedding")
+    assert summary["teacher_had_lm_head"] is True
+    assert json.loads((out / "config.json").read_text())["architectures"] == [expected]
     assert not [k for k in weight_keys(out) if any(w in k for w in HEAD_WORDS)]
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     with torch.no_grad():
