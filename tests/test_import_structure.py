@@ -24,6 +24,7 @@ FORBIDDEN = {
     "distil.data": COMMANDS + ("distil.teacher_cache", "distil.losses", "distil.student"),
     "distil.teacher_cache": COMMANDS,
     "distil.student": COMMANDS + ("distil.teacher_cache",),
+    "distil.layer_copy": COMMANDS + ("distil.teacher_cache", "distil.student", "distil.pruning"),
     "distil.pruning": COMMANDS + ("distil.teacher_cache",),
     "distil.checks": COMMANDS + ("distil.teacher_cache",),
     "distil.model_kinds": COMMANDS,

@@ -13,7 +13,8 @@ from distil.data.dataset import TokenSequences, pad_batch
 from distil.errors import DistilError
 from distil.pruning import (WidthPlan, WidthSizes, layout_for, load_calibration, measure_importance, plan_from_importance,
                             prune_width, resolve_sizes, teacher_sizes, top_indices)
-from distil.student import bert_to_distilbert, init_student
+from distil.layer_copy import bert_to_distilbert
+from distil.student import init_student
 from train_fixtures import prepared_data, teacher_dir
 
 FAMILIES = ("bert", "roberta", "llama")

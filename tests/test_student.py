@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from distil.errors import DistilError
-from distil.student import init_student, resolve_layers, select_layers, shrink_config
+from distil.layer_copy import resolve_layers, select_layers, shrink_config
+from distil.student import init_student
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_tokenizer
 
 BUILDERS = {"bert": tiny_bert, "roberta": tiny_roberta, "gpt2": tiny_gpt2, "llama": tiny_llama}

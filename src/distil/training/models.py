@@ -173,7 +173,7 @@ def layer_pairs(config: TrainConfig, student_config, teacher_config, init_record
         if init_record and len(init_record.get("teacher_layers", [])) == n_s:
             sources = init_record["teacher_layers"]
         else:
-            from distil.student import select_layers
+            from distil.layer_copy import select_layers
 
             sources = select_layers(n_t, n_s)
         pairs = [(j + 1, t + 1) for j, t in enumerate(sources)]

@@ -34,7 +34,7 @@ def fsdp_requested(config) -> bool:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from distil.student import find_layer_list
+    from distil.layer_copy import find_layer_list
 
     name, _ = find_layer_list(model)
     return list(model.get_submodule(name))

@@ -22,7 +22,8 @@ STUDENT_INIT = "student-init"
 def _matches_recipe(student_dir: Path, config: TrainConfig) -> bool:
     """Whether a student-init directory was built from the recipe's teacher, layers, architecture and kind (with
     an LM head, or the base model of an embedding student)."""
-    from distil.student import INIT_FILE, resolve_layers
+    from distil.layer_copy import resolve_layers
+    from distil.student import INIT_FILE
 
     try:
         record = json.loads((student_dir / INIT_FILE).read_text(encoding="utf-8"))
