@@ -125,6 +125,9 @@ def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: in
     print(f"plots and summary: {out / 'report'}")
 
     minutes = (time.perf_counter() - started) / 60
-    print(f"\nDemo finished in {minutes:.1f} min. The distilled student is a plain transformers directory:\n"
-          f"  from transformers import AutoModel; AutoModel.from_pretrained('{out / 'run' / 'student'}')")
+    student = out / "run" / "student"
+    print(f"\nDemo finished in {minutes:.1f} min. The distilled student is a sentence-transformers model (and a plain "
+          f"transformers directory):\n"
+          f"  from sentence_transformers import SentenceTransformer; SentenceTransformer('{student}').encode(texts)\n"
+          f"  from transformers import AutoModel; AutoModel.from_pretrained('{student}')")
     return {"train": summary, "evaluation": results, "stopped_early": False}
