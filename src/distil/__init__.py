@@ -1,7 +1,7 @@
 """distil: knowledge distillation of transformer language models.
 
 The Python API mirrors the command line (see the README, "Python API"): `distil.prepare`, `distil.init_student`,
-`distil.train`, `distil.evaluate`, `distil.run_task`. They are imported on first use, so `import distil` stays
+`distil.train`, `distil.evaluate`, `distil.run_task`, `distil.static_student`. They are imported on first use, so `import distil` stays
 light (no torch) until one of them is called.
 """
 
@@ -13,6 +13,8 @@ _API = {
     "train": ("distil.api", "train"),
     "evaluate": ("distil.evaluation.evaluate", "evaluate"),
     "run_task": ("distil.tasks.finetune", "run_task"),
+    "static_student": ("distil.static_student", "static_student"),
+    "encode_static": ("distil.static_embedding", "encode_static"),
     "load_config": ("distil.config", "load_config"),
     "DistilError": ("distil.errors", "DistilError"),
 }

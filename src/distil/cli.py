@@ -355,6 +355,35 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished store, or restart an unfinished one")
 
 
+def _add_static_student(sub) -> None:
+    p = sub.add_parser(
+        "static-student",
+        help="distil a static embedding table (one vector per token) from a sentence-embedding teacher",
+        description="Embed every vocabulary entry with the teacher, reduce to --dim by PCA, weight by token "
+                    "frequency (SIF), then train the table on text against the teacher's sentence embeddings. "
+                    "Writes a sentence-transformers StaticEmbedding directory that Model2Vec also loads.",
+    )
+    p.add_argument("teacher", help="sentence-embedding teacher: directory, python:PACKAGE/path or hub id")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="training text: a `distil prepare` directory made with the teacher's tokenizer, or text "
+                        "files (one sequence per line); needed unless --steps 0")
+    p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results)")
+    p.add_argument("--dim", type=int, default=256, help="embedding width after PCA (default 256)")
+    p.add_argument("--steps", type=int, default=1000, help="Adam steps on the text; 0: no training (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per step (default 256)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    p.add_argument("--weighting", choices=["zipf", "corpus", "none"], default="zipf",
+                   help="token frequencies for the SIF weights: zipf (from vocabulary rank), corpus (counted on "
+                        "--data), none (default zipf)")
+    p.add_argument("--sif-coefficient", type=float, default=1e-4, help="a in a / (a + p) (default 1e-4)")
+    p.add_argument("--max-sequences", type=int, default=20000,
+                   help="training sequences taken, spread evenly over the text (default 20000)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest training sequence in tokens, framing included (default: the teacher's limit, or 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -406,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_fit_head(sub)
     _add_cache_teacher(sub)
+    _add_static_student(sub)
     _add_demo(sub)
     return parser
 
@@ -507,6 +537,16 @@ def run(args: argparse.Namespace) -> int | None:
         if result["finished"]:
             print(json.dumps({k: result[k] for k in ("k", "sampled", "temperature", "data", "bytes",
                                                      "bytes_per_token", "signal_bytes_per_token")}, indent=2))
+    elif args.command == "static-student":
+        from distil.static_student import static_student
+
+        result = static_student(
+            teacher=args.teacher, output_dir=args.output_dir, data=args.data, dim=args.dim, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, weighting=args.weighting,
+            sif_coefficient=args.sif_coefficient, max_sequences=args.max_sequences, max_length=args.max_length,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     elif args.command == "demo":
         from distil.demo import run_demo
 

@@ -203,5 +203,12 @@ class SentenceEncoder:
 
 def encode(model_dir: str, texts: list[str], batch_size: int = 32, max_length: int | None = None,
            pooling: SentencePooling | None = None) -> torch.Tensor:
-    """Sentence embeddings of `texts` from a sentence-transformers directory: `SentenceEncoder(...).encode`."""
+    """Sentence embeddings of `texts` from a sentence-transformers directory: `SentenceEncoder(...).encode`. A
+    static model (`distil static-student`) is encoded by its own function, which takes no batch size, length
+    limit or pooling."""
+    from distil.loading import resolve_source
+    from distil.static_embedding import encode_static, is_static_directory
+
+    if is_static_directory(resolve_source(model_dir)):  # token vectors averaged, as its export computes
+        return encode_static(resolve_source(model_dir), texts)
     return SentenceEncoder(model_dir, pooling, max_length).encode(texts, batch_size)

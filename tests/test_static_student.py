@@ -1,0 +1,188 @@
+"""Static students: the table from the teacher (vocabulary through the teacher, PCA, SIF weights), training on
+text, and the export that sentence-transformers and Model2Vec load with the embeddings distil computes."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from distil.errors import DistilError
+from distil.static_embedding import encode_static, load_static, sentence_embeddings_from_ids
+from distil.static_student import (corpus_probabilities, pca_basis, project, sif_weights, static_student,
+                                   zipf_probabilities)
+from tiny_tokenizers import word_level_tokenizer
+
+N_WORDS = 40
+N_SPECIALS = 5  # [PAD] [UNK] [CLS] [SEP] [MASK]
+TEXTS = ["w1 w2 w3", "w4", "w5 w5 w6 w7 w8 w9 w10 w11", "", "w39 w0 w12"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny BERT sentence encoder (mean pooling, L2-normalised) with a word-level tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from distil.sentence_embeddings import SentencePooling, write_sentence_transformers
+
+    directory = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=N_WORDS + N_SPECIALS, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    BertModel(config, add_pooling_layer=False).eval().save_pretrained(directory)
+    word_level_tokenizer(directory, n_words=N_WORDS, family="bert")
+    write_sentence_transformers(directory, SentencePooling("mean", normalize=True, max_seq_length=32), 32)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    lines = [" ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(2, 12))) for _ in range(300)]
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(teacher_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("students") / "trained"
+    summary = static_student(str(teacher_dir), str(out), data=[str(text_file)], dim=8, steps=60, batch_size=32,
+                             lr=1e-2, seed=3, progress=False)
+    return out, summary
+
+
+def test_static_student_sentence_transformers_round_trip(trained):
+    from sentence_transformers import SentenceTransformer
+
+    from distil.sentence_embeddings import encode
+
+    out, _ = trained
+    texts = TEXTS + ["w3 w77 w4"]  # w77 is no word: sentence-transformers keeps its [UNK] in the mean, as distil does
+    ours = encode_static(out, texts)
+    theirs = torch.from_numpy(SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True))
+    assert ours.shape == (len(texts), 8)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encode(str(out), texts), ours, rtol=0, atol=0)  # what ablation.py scores
+    norms = ours.norm(dim=1)
+    assert torch.allclose(norms[[0, 1, 2, 4, 5]], torch.ones(5), atol=1e-6) and norms[3] == 0  # "" embeds to 0
+
+
+def test_static_student_files_as_model2vec_reads_them(trained):
+    """The files Model2Vec's loader takes (its own layout, chosen first when config.json exists), read here as it
+    reads them: config.json's normalize and max_length, the `embeddings` tensor, one row per tokenizer entry."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    out, _ = trained
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["normalize"] is True and config["max_length"] is None and config["hidden_dim"] == 8
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as tensors:
+        assert list(tensors.keys()) == ["embeddings"]
+        table = tensors.get_tensor("embeddings")
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert table.shape == (len(tokenizer.get_vocab()), 8) == (N_WORDS + N_SPECIALS, 8)
+    assert tokenizer.truncation is None and tokenizer.padding is None
+    modules = json.loads((out / "modules.json").read_text(encoding="utf-8"))
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["StaticEmbedding", "Normalize"]
+
+
+def test_static_student_model2vec_loads_the_same_embeddings(trained):
+    model2vec = pytest.importorskip("model2vec")
+    out, _ = trained
+    texts = [t for t in TEXTS if t]  # Model2Vec drops [UNK] pieces and embeds "" as 0: texts without either
+    loaded = model2vec.StaticModel.from_pretrained(str(out))
+    theirs = torch.from_numpy(loaded.encode(texts, use_multiprocessing=False)).float()
+    torch.testing.assert_close(theirs, encode_static(out, texts), rtol=0, atol=1e-6)
+
+
+def test_static_student_mean_of_rows_matches_plain_formulation():
+    torch.manual_seed(0)
+    table = torch.randn(10, 4)
+    ids = [[1, 2, 2], [], [9], [0, 3, 5, 7]]
+    for normalize in (False, True):
+        got = sentence_embeddings_from_ids(table, ids, normalize)
+        for row, sequence in zip(got, ids):
+            plain = (table.double()[sequence].sum(0) / len(sequence)) if sequence else torch.zeros(4, dtype=torch.float64)
+            if normalize and sequence:
+                plain = plain / plain.norm()
+            torch.testing.assert_close(row.double(), plain, rtol=0, atol=1e-6)
+
+
+def test_static_student_pca_hand_computed():
+    # Five points on the line (5, 5) + t (1, -2): one component, +-(1, -2)/sqrt(5); its largest loading (-2)
+    # is made positive, so the component is (-1, 2)/sqrt(5) and point t projects to -sqrt(5) t.
+    t = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    points = torch.tensor([5.0, 5.0], dtype=torch.float64) + t.unsqueeze(1) * torch.tensor([1.0, -2.0],
+                                                                                         dtype=torch.float64)
+    mean, components = pca_basis(points, 1)
+    torch.testing.assert_close(mean, torch.tensor([5.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(components[:, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64) / math.sqrt(5))
+    torch.testing.assert_close(project(points, mean, components)[:, 0], -math.sqrt(5) * t)
+    # The sign does not follow the input's: the same points reflected give the same component.
+    _, again = pca_basis(points.flip(0), 1)
+    torch.testing.assert_close(again, components)
+    with pytest.raises(DistilError, match="dimension 3"):
+        pca_basis(points, 3)
+
+
+def test_static_student_sif_weights_hand_computed():
+    # Zipf over 3 ids: p = (1, 1/2, 1/3) / (11/6); with a = 1/2, a / (a + p) = 11/23, 11/17, 11/15.
+    torch.testing.assert_close(zipf_probabilities(3), torch.tensor([6 / 11, 3 / 11, 2 / 11], dtype=torch.float64))
+    torch.testing.assert_close(sif_weights(zipf_probabilities(3), 0.5),
+                               torch.tensor([11 / 23, 11 / 17, 11 / 15], dtype=torch.float64))
+    # Counts (3, 0, 1), add-one smoothed: p = (4, 1, 2) / 7, weights 7/15, 7/9, 7/11.
+    probabilities = corpus_probabilities(torch.tensor([3, 0, 1]))
+    torch.testing.assert_close(sif_weights(probabilities, 0.5),
+                               torch.tensor([7 / 15, 7 / 9, 7 / 11], dtype=torch.float64))
+
+
+def test_static_student_untrained_rows_are_the_teachers_token_embeddings(teacher_dir, tmp_path):
+    """steps 0, no weighting: row i is the PCA projection of the teacher's pooled embedding of [CLS] i [SEP]."""
+    from transformers import AutoModel
+
+    out = tmp_path / "untrained"
+    static_student(str(teacher_dir), str(out), dim=6, steps=0, weighting="none", progress=False)
+    teacher = AutoModel.from_pretrained(teacher_dir).eval()
+    with torch.no_grad():
+        framed = torch.tensor([[2, i, 3] for i in range(N_WORDS + N_SPECIALS)])  # [CLS] = 2, [SEP] = 3
+        pooled = torch.nn.functional.normalize(teacher(input_ids=framed).last_hidden_state.double().mean(1), dim=1)
+    mean, components = pca_basis(pooled, 6)
+    expected = (pooled - mean) @ components
+    torch.testing.assert_close(load_static(out).table.double(), expected, rtol=0, atol=1e-5)
+    summary = json.loads((out / "static_student.json").read_text(encoding="utf-8"))
+    assert summary["steps"] == 0 and summary["training_sequences"] == 0
+
+
+def test_static_student_training_lowers_loss_and_is_deterministic(teacher_dir, text_file, trained, tmp_path):
+    out, summary = trained
+    assert summary["loss_after"] < 0.6 * summary["loss_before"], summary  # 0.52 -> 0.27 when written
+    again = tmp_path / "again"
+    static_student(str(teacher_dir), str(again), data=[str(text_file)], dim=8, steps=60, batch_size=32, lr=1e-2,
+                   seed=3, progress=False)
+    assert torch.equal(load_static(again).table, load_static(out).table)
+    other = tmp_path / "other-seed"
+    static_student(str(teacher_dir), str(other), data=[str(text_file)], dim=8, steps=60, batch_size=32, lr=1e-2,
+                   seed=4, progress=False)
+    assert not torch.equal(load_static(other).table, load_static(out).table)
+
+
+def test_static_student_cli_refuses_overwrite_and_bad_input(teacher_dir, text_file, tmp_path, capsys):
+    from distil.cli import main
+
+    out = tmp_path / "cli"
+    args = ["static-student", str(teacher_dir), "--data", str(text_file), "--dim", "4", "--steps", "5",
+            "--batch-size", "16", "-o", str(out)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 4
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["static-student", str(teacher_dir), "--steps", "5", "-o", str(tmp_path / "no-data")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["static-student", str(teacher_dir), "--steps", "0", "--dim", "64", "-o", str(tmp_path / "wide")]) == 2
+    assert "--dim between 1 and 32" in capsys.readouterr().err
