@@ -200,3 +200,33 @@ def test_output_lock_second_train_into_one_run_dir_is_refused(workspace):
             if r["split"] == "train"] == list(range(1, steps + 1))
     assert sorted(train_rows(run_dir)) == list(range(1, steps + 1))
     assert not (root / ".run.lock").exists()
+
+
+@pytest.mark.parametrize("command", ["init-student", "static-student", "fit-head", "report", "task"])
+def test_output_lock_is_taken_before_the_work_starts(tmp_path, command):
+    """A command holds its output's lock from its start: a second writer is refused before it loads a model or
+    reads data (here the teacher and the inputs do not even exist, and the lock is what it reports)."""
+    from distil.fit_head import fit_head
+    from distil.report import report
+    from distil.static_student import static_student
+    from distil.student import init_student
+    from distil.tasks.finetune import run_task
+
+    out = tmp_path / "out"
+    missing = str(tmp_path / "no-such-model")
+    runs = {
+        "init-student": lambda: init_student(missing, str(out), None, num_layers=1),
+        "static-student": lambda: static_student(missing, str(out), steps=0),
+        "fit-head": lambda: fit_head(missing, missing, str(out)),
+        "report": lambda: report([missing], str(out)),
+        "task": lambda: run_task("classification", missing, missing, missing, str(out)),
+    }
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".out.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                                        "command": command, "started": "2030-01-01 00:00:00"}))
+        with pytest.raises(DistilError, match=rf"process {sleeper.pid} "):
+            runs[command]()
+    finally:
+        stop(sleeper)
+    assert not out.exists()

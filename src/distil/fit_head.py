@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from distil.data.dataset import GlobalBatchSampler, TokenSequences, pad_id_of
 from distil.errors import DistilError
 from distil.loading import load_model, load_tokenizer
-from distil.outputs import atomic_output_dir, write_json_atomic
+from distil.outputs import atomic_output_dir, locks_output, write_json_atomic
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 12345
@@ -49,6 +49,7 @@ def _masked_accuracy(model, heldout: TokenSequences, masker, pad_id: int, batch_
     return {"masked_accuracy": correct / max(total, 1), "mlm_loss": loss_sum / max(total, 1), "targets": total}
 
 
+@locks_output("fit-head")
 def fit_head(teacher: str, data: str, output_dir: str, steps: int = 300, lr: float = 1e-3, batch_size: int = 32,
              seed: int = 0, eval_batches: int = 20, overwrite: bool = False, progress: bool = True) -> dict:
     """Fit a fresh MLM head on `teacher`'s frozen encoder with `data` (a prepared directory); write it to

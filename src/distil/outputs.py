@@ -18,6 +18,8 @@ A full disk is reported as such, with the space needed (disk_space_errors), inst
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
@@ -377,6 +379,26 @@ def lock_path(path: str | Path) -> Path:
     return absolute.parent / f".{absolute.name}.lock"
 
 
+_HELD_HERE: set[Path] = set()  # the lock files this process holds
+
+
+def locks_output(command: str, parameter: str = "output_dir"):
+    """Decorator of a command function: it holds the lock on its output (the argument `parameter`) from its start,
+    not only while it writes, so that a second writer is refused before either spends its compute."""
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            target = signature.bind_partial(*args, **kwargs).arguments.get(parameter)
+            if target is None:  # the command says itself what is missing
+                return function(*args, **kwargs)
+            with output_lock(target, command):
+                return function(*args, **kwargs)
+        return locked
+    return decorate
+
+
 @contextlib.contextmanager
 def output_lock(path: str | Path, command: str | None, take: bool = True) -> Iterator[None]:
     """Hold the lock on output `path` for the block: a second distil command writing `path` is refused meanwhile.
@@ -389,11 +411,17 @@ def output_lock(path: str | Path, command: str | None, take: bool = True) -> Ite
         return
     check_writable(path)
     lock = lock_path(path)
+    held = lock.resolve()
+    if held in _HELD_HERE:  # this process holds it already (a command locks at its start, its final write again)
+        yield
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock, Path(path), command)
+    _HELD_HERE.add(held)
     try:
         yield
     finally:
+        _HELD_HERE.discard(held)
         with contextlib.suppress(OSError):
             if _same_file(fd, lock):
                 os.unlink(lock)

@@ -18,7 +18,7 @@ import yaml
 from distil.errors import DistilError
 from distil.evaluation import table
 from distil.metrics_log import METRICS, read_metrics
-from distil.outputs import atomic_output_dir, check_output_dir, check_writable
+from distil.outputs import atomic_output_dir, check_output_dir, check_writable, locks_output
 
 SUMMARY = "summary.md"
 HELDOUT_SKIP = {"step", "split", "batches", "tokens_per_s"}
@@ -251,6 +251,7 @@ def _runs_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+@locks_output("report")
 def report(run_dirs: list[str], output_dir: str, evaluation: str | None = None, overwrite: bool = False) -> dict:
     """Write PNG plots and summary.md for `run_dirs` (and an evaluation JSON) into `output_dir`."""
     check_output_dir(output_dir, overwrite)  # before reading anything: a refused output costs nothing

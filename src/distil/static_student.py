@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distil.errors import DistilError
+from distil.outputs import locks_output
 from distil.static_embedding import StaticModel, sentence_embeddings_from_ids, write_static_directory
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def _spread(available: int, wanted: int) -> list[int]:
     return [int(i * available / wanted) for i in range(wanted)]
 
 
+@locks_output("static-student")
 def static_student(teacher: str, output_dir: str, data: list[str] | None = None, dim: int = 256,
                    steps: int = 1000, batch_size: int = 256, lr: float = 5e-3, seed: int = 0,
                    weighting: str = "zipf", sif_coefficient: float = 1e-4, max_sequences: int = 20000,

@@ -16,7 +16,7 @@ from distil.errors import DistilError
 from distil.layer_copy import bert_to_distilbert, resolve_layers, same_architecture_student
 from distil.loading import load_config, load_model, load_tokenizer
 from distil.disk_space import disk_space_errors, tensor_bytes
-from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
+from distil.outputs import atomic_output_dir, check_output_dir, locks_output, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ OBJECTIVES = ("auto", "embedding")  # auto: the teacher's LM class with its head
 INIT_FILE = "distil_init.json"
 
 
+@locks_output("init-student")
 def init_student(
     teacher: str,
     output_dir: str,

@@ -27,7 +27,7 @@ from distil.data.sources import plan_sources, source_summary
 from distil.data.textfiles import ReadStats
 from distil.errors import DistilError
 from distil.disk_space import directory_bytes, disk_space_errors
-from distil.outputs import atomic_output_dir, write_json_atomic
+from distil.outputs import atomic_output_dir, locks_output, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,7 @@ def _expected_output_bytes(tmp: Path, plan, stats: ReadStats) -> int | None:
     return int(directory_bytes(tmp) * total / min(done, total))
 
 
+@locks_output("prepare")
 def prepare(
     inputs: list[str] | None = None,
     tokenizer: str | None = None,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distil.config import ANY_FINITE, FRACTION, NON_NEGATIVE, POSITIVE, check_number
 from distil.errors import DistilError
 from distil.loading import load_model, load_tokenizer
-from distil.outputs import atomic_output_dir, check_output_dir, write_json_atomic
+from distil.outputs import atomic_output_dir, check_output_dir, locks_output, write_json_atomic
 from distil.tasks import task_data
 from distil.tasks.task_losses import qa_distillation_loss, qa_task_loss, task_distillation_loss, task_loss
 from distil.training.optimisation import linear_warmup_decay
@@ -53,6 +53,7 @@ def _auto_class(task: str):
     }[task]
 
 
+@locks_output("task")
 def run_task(
     task: str,
     student: str,
