@@ -305,6 +305,8 @@ def _add_fit_head(sub) -> None:
 
 
 def _add_cache_teacher(sub) -> None:
+    from distil.teacher_cache import DEFAULT_STORE_FORMAT, STORE_FORMATS
+
     p = sub.add_parser(
         "cache-teacher",
         help="run the teacher once over prepared data and store its top-k distribution for training without it",
@@ -332,9 +334,12 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
     p.add_argument("--max-length", type=int, default=None,
                    help="cut longer sequences as training does (data.max_length must then be the same)")
-    p.add_argument("--logprobs", choices=["float16", "compact"], default="float16",
-                   help="float16: every top-k log-probability (2 bytes each); compact: the 8 most probable exactly and "
-                        "a cubic in log-rank through the rest (~290 bytes per token at k=128 with 16-bit ids)")
+    p.add_argument("--format", "--logprobs", dest="store_format", choices=list(STORE_FORMATS),
+                   default=DEFAULT_STORE_FORMAT,
+                   help="float16: ids and every top-k log-probability in 16 bits; compact: the 8 most probable "
+                        "exactly and a cubic in log-rank through the rest; packed: ids in ceil(log2 vocabulary) bits, "
+                        "log-probabilities in 8-bit steps below the top one (packed4: 4-bit); see the README's "
+                        f"teacher-signal store for sizes and measured losses (default {DEFAULT_STORE_FORMAT})")
     p.add_argument("--hidden-states", choices=["none", "last"], default="none",
                    help="also store the teacher's last hidden state (float16), for hidden-state and sentence losses")
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard (default 1024)")
@@ -529,7 +534,7 @@ def run(args: argparse.Namespace) -> int | None:
         result = cache_teacher(
             teacher=args.teacher, data=args.data, output=args.output, top_k=args.top_k, sampled=args.sampled,
             temperature=args.temperature, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
-            overwrite=args.overwrite, hidden_states=args.hidden_states, logprobs=args.logprobs,
+            overwrite=args.overwrite, hidden_states=args.hidden_states, store_format=args.store_format,
             proposal_temperature=args.proposal_temperature, seed=args.seed, shard_size=args.shard_size,
             dtype=args.dtype, mlm_probability=args.mlm_probability, mlm_smoothing=args.mlm_smoothing,
             mask_replace=args.mask_replace,

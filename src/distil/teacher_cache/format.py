@@ -9,13 +9,24 @@ A store directory holds:
   shard-NNNNN/     sequences [N * shard_size, (N + 1) * shard_size) of the prepared split, each a directory of
                    .npy arrays (memory-mapped when read), written as .shard-NNNNN.tmp-PID and renamed when complete:
     offsets.npy      int64 (sequences + 1,): sequence i of the shard is rows offsets[i]:offsets[i + 1]
+    The teacher's signals, in one of the store formats (`store_format`, --format):
+    float16 / compact:
     top_ids.npy      (positions, k) uint16 (vocabularies < 65,536) or int32, by decreasing probability
-    top_logp.npy     (positions, k) float16 log-probabilities at the store's temperature     [logprobs: float16]
-    head_logp.npy    (positions, 8) float16: the 8 most probable tokens' log-probabilities    [logprobs: compact]
-    tail_poly.npy    (positions, 4) float32: a cubic in log(rank + 1) through the other k - 8  [logprobs: compact]
+    top_logp.npy     (positions, k) float16 log-probabilities at the store's temperature     [float16]
+    head_logp.npy    (positions, 8) float16: the 8 most probable tokens' log-probabilities    [compact]
+    tail_poly.npy    (positions, 4) float32: a cubic in log(rank + 1) through the other k - 8  [compact]
     log_rest.npy     (positions,) float16 log of the mass outside the top-k
     sample_ids.npy / sample_logp.npy / sample_logw.npy   (positions, k') draws from the tail with log p and the
                      importance log-weight (with --sampled)
+    packed / packed4 (distil.teacher_cache.packing):
+    top_ids_packed.npy     (positions, ceil(k b / 8)) uint8: the ids in b = ceil(log2 vocabulary) bits each
+    top_logp_codes.npy     (positions, ceil(k q / 8)) uint8: q-bit codes (q = 8 or 4) of each log-probability's
+                           distance below a per-position anchor, in per-position steps
+    logp_scale.npy         (positions, 2 or 3) float16: anchor, step of the top-k, step of the draws
+    log_rest.npy           (positions,) float16, as above
+    sample_ids_packed.npy / sample_logp_codes.npy          the draws, coded as the top-k; their importance
+                           log-weights log(R / k') are not stored but recomputed (proposal temperature 1; another
+                           proposal stores sample_logw.npy in float16)
     hidden.npy       (positions, hidden) float16 last hidden state (with --hidden-states last)
     mlm_input.npy    (positions,) ids: the masked input the teacher scored (masked-LM teachers only)
     mlm_target.npy   (positions,) uint8: 1 at the sequence's MLM targets (masked-LM teachers only)
@@ -35,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +54,16 @@ import torch
 
 from distil.data import shards as data_shards
 from distil.errors import DistilError
+from distil.teacher_cache import DEFAULT_STORE_FORMAT, STORE_FORMATS, packing  # noqa: F401 (re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: float16 and compact only; packed formats were added in 2
 KIND = "distil-teacher-cache"
 PLAN, MANIFEST, TEACHER_DIR = "plan.json", "manifest.json", "teacher"
-LOGPROB_FORMATS = ("float16", "compact")
 COMPACT_HEAD, COMPACT_DEGREE = 8, 3
 # Settings that must be equal for a rerun to resume (the rest of the plan is derived from them).
 PLAN_KEYS = ("format_version", "teacher", "vocab_size", "tokenizer_fingerprint", "objective", "k", "sampled",
-             "temperature", "proposal_temperature", "seed", "split", "data", "ids_dtype", "logprobs",
+             "temperature", "proposal_temperature", "seed", "split", "data", "ids_dtype", "store_format",
              "hidden_states", "hidden_size", "shard_size", "masking")
 MASK_ARRAYS = ("mlm_input", "mlm_target")
 
@@ -101,9 +114,9 @@ def _compact_basis(k: int) -> np.ndarray:
     return np.stack([x**d for d in range(COMPACT_DEGREE + 1)], axis=1)
 
 
-def logprob_format_for(requested: str, k: int) -> str:
+def store_format_for(requested: str, k: int) -> str:
     """compact needs more tokens than its exact head and curve hold; a smaller k is stored as float16."""
-    return requested if requested == "float16" or k > COMPACT_HEAD + COMPACT_DEGREE + 1 else "float16"
+    return requested if requested != "compact" or k > COMPACT_HEAD + COMPACT_DEGREE + 1 else "float16"
 
 
 def encode_logprobs(top_logp: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
@@ -126,8 +139,146 @@ def decode_logprobs(arrays: dict, fmt: str, k: int) -> torch.Tensor:
     return torch.cat([head, coefs @ basis.T], dim=1)
 
 
-def logprob_arrays(fmt: str) -> tuple[str, ...]:
-    return ("top_logp",) if fmt == "float16" else ("head_logp", "tail_poly")
+PACKED_LOGPROB_BITS = {"packed": 8, "packed4": 4}
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What a store's signal arrays are: its format, k, k', vocabulary, and whether the draws' weights are stored."""
+
+    store_format: str
+    k: int
+    sampled: int
+    vocab_size: int
+    ids_dtype: str
+    proposal_temperature: float = 1.0
+
+    @property
+    def packed(self) -> bool:
+        return self.store_format in PACKED_LOGPROB_BITS
+
+    @property
+    def weights_stored(self) -> bool:
+        """With the tail itself as proposal every weight is R / k' (signals.sparse_signals): no need to store it."""
+        return not self.packed or self.proposal_temperature != 1.0
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (shape of one row, dtype) of every signal array of a shard."""
+        k, draws, f16 = self.k, self.sampled, np.dtype("<f2")
+        out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        if self.packed:
+            ib, qb, u8 = packing.id_bits(self.vocab_size), PACKED_LOGPROB_BITS[self.store_format], np.dtype("u1")
+            out["top_ids_packed"] = ((packing.packed_width(k, ib),), u8)
+            out["top_logp_codes"] = ((packing.packed_width(k, qb),), u8)
+            out["logp_scale"] = ((3 if draws else 2,), f16)
+            if draws:
+                out["sample_ids_packed"] = ((packing.packed_width(draws, ib),), u8)
+                out["sample_logp_codes"] = ((packing.packed_width(draws, qb),), u8)
+        else:
+            ids = np.dtype(self.ids_dtype)
+            out["top_ids"] = ((k,), ids)
+            if self.store_format == "float16":
+                out["top_logp"] = ((k,), f16)
+            else:
+                out["head_logp"] = ((COMPACT_HEAD,), f16)
+                out["tail_poly"] = ((COMPACT_DEGREE + 1,), np.dtype("<f4"))
+            if draws:
+                out.update(sample_ids=((draws,), ids), sample_logp=((draws,), f16))
+        out["log_rest"] = ((), f16)
+        if draws and self.weights_stored:
+            out["sample_logw"] = ((draws,), f16)
+        return out
+
+    def bytes_per_position(self) -> int:
+        return sum(dtype.itemsize * math.prod(shape) for shape, dtype in self.arrays().values())
+
+
+def store_format_of(manifest: dict) -> str:
+    """The store format of a plan or manifest (stores of format version 1 named it `logprobs`)."""
+    return manifest.get("store_format") or manifest.get("logprobs") or "float16"
+
+
+def layout_of(manifest: dict) -> StoreLayout:
+    return StoreLayout(store_format_of(manifest), int(manifest["k"]), int(manifest["sampled"]),
+                       int(manifest["vocab_size"]), manifest["ids_dtype"],
+                       float(manifest.get("proposal_temperature", 1.0)))
+
+
+def encode_signals(layout: StoreLayout, top_ids: np.ndarray, top_logp: np.ndarray, log_rest: np.ndarray,
+                   sample_ids: np.ndarray | None = None, sample_logp: np.ndarray | None = None,
+                   sample_logw: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The rows of every signal array (`layout.arrays()`) for the signals of some positions (numpy, one row each)."""
+    out: dict[str, np.ndarray] = {"log_rest": np.asarray(log_rest).astype(np.float16)}
+    draws = layout.sampled
+    if layout.packed:
+        ib, qb = packing.id_bits(layout.vocab_size), PACKED_LOGPROB_BITS[layout.store_format]
+        anchor = packing.float16_at_least(top_logp[:, 0])
+        top_codes, top_step = packing.quantise_below(top_logp, anchor, qb)
+        out["top_ids_packed"] = packing.pack_bits(top_ids, ib)
+        out["top_logp_codes"] = packing.pack_bits(top_codes, qb)
+        scale = [anchor, top_step]
+        if draws:
+            sample_codes, sample_step = packing.quantise_below(sample_logp, anchor, qb)
+            out["sample_ids_packed"] = packing.pack_bits(sample_ids, ib)
+            out["sample_logp_codes"] = packing.pack_bits(sample_codes, qb)
+            scale.append(sample_step)
+        out["logp_scale"] = np.stack(scale, axis=1).astype(np.float16)
+    else:
+        ids = np.dtype(layout.ids_dtype)
+        out["top_ids"] = np.asarray(top_ids).astype(ids)
+        out.update(encode_logprobs(np.asarray(top_logp), layout.store_format))
+        if draws:
+            out["sample_ids"] = np.asarray(sample_ids).astype(ids)
+            out["sample_logp"] = np.asarray(sample_logp).astype(np.float16)
+    if draws and layout.weights_stored:
+        out["sample_logw"] = np.asarray(sample_logw).astype(np.float16)
+    return out
+
+
+def decode_signals(arrays: dict, layout: StoreLayout) -> dict[str, torch.Tensor | None]:
+    """top_ids, top_logp (as stored, not renormalised), log_rest, sample_ids, sample_logp, sample_logw (None without
+    draws) of the rows in `arrays` (name -> the rows of each of `layout.arrays()`), as int64 / float32 tensors."""
+    k, draws = layout.k, layout.sampled
+    log_rest = np.asarray(arrays["log_rest"], dtype=np.float32)
+    out: dict[str, torch.Tensor | None] = {"log_rest": torch.from_numpy(log_rest)}
+    if layout.packed:
+        ib, qb = packing.id_bits(layout.vocab_size), PACKED_LOGPROB_BITS[layout.store_format]
+        scale = np.asarray(arrays["logp_scale"], dtype=np.float32)
+        top_codes = packing.unpack_bits(arrays["top_logp_codes"], k, qb)
+        out["top_ids"] = torch.from_numpy(packing.unpack_bits(arrays["top_ids_packed"], k, ib))
+        out["top_logp"] = torch.from_numpy(packing.dequantise_below(top_codes, scale[:, 0], scale[:, 1]))
+        if draws:
+            sample_codes = packing.unpack_bits(arrays["sample_logp_codes"], draws, qb)
+            out["sample_ids"] = torch.from_numpy(packing.unpack_bits(arrays["sample_ids_packed"], draws, ib))
+            out["sample_logp"] = torch.from_numpy(packing.dequantise_below(sample_codes, scale[:, 0], scale[:, 2]))
+    else:
+        out["top_ids"] = torch.from_numpy(np.asarray(arrays["top_ids"], dtype=np.int64))
+        out["top_logp"] = decode_logprobs(arrays, layout.store_format, k)
+        if draws:
+            out["sample_ids"] = torch.from_numpy(np.asarray(arrays["sample_ids"], dtype=np.int64))
+            out["sample_logp"] = torch.from_numpy(np.asarray(arrays["sample_logp"], dtype=np.float32))
+    if not draws:
+        out.update(sample_ids=None, sample_logp=None, sample_logw=None)
+    elif layout.weights_stored:
+        out["sample_logw"] = torch.from_numpy(np.asarray(arrays["sample_logw"], dtype=np.float32))
+    else:
+        out["sample_logw"] = (out["log_rest"] - math.log(draws)).unsqueeze(1).expand(-1, draws).contiguous()
+    return out
+
+
+def shard_problem(arrays: dict[str, np.ndarray], layout: StoreLayout, sequences: int) -> str | None:
+    """What makes a shard's arrays (name -> array, with `offsets`) differ from what the manifest describes, or None."""
+    offsets = arrays["offsets"]
+    if offsets.ndim != 1 or len(offsets) != sequences + 1 or (len(offsets) and offsets[0] != 0) \
+            or np.any(np.diff(offsets) < 0):
+        return f"its offsets do not describe {sequences} sequences"
+    rows = int(offsets[-1])
+    for name, (shape, dtype) in layout.arrays().items():
+        array = arrays[name]
+        if array.dtype != dtype or array.shape != (rows, *shape):
+            return (f"{name}.npy is {array.dtype} {array.shape}, where the manifest's format "
+                    f"({layout.store_format}, k={layout.k}, k'={layout.sampled}) needs {dtype} {(rows, *shape)}")
+    return None
 
 
 def read_json(path: Path) -> dict | None:
@@ -154,7 +305,12 @@ def read_store_manifest(store: str | Path) -> dict:
                               "command again: finished shards are kept.")
         raise DistilError(f"{root} is not a teacher-signal store (it has no {MANIFEST}). Write one with "
                           f"`distil cache-teacher --teacher TEACHER --data DATA --output {root}`.")
-    if manifest.get("kind") != KIND or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("kind") != KIND or manifest.get("format_version") not in READABLE_VERSIONS:
         raise DistilError(f"{root} holds a teacher-signal store of format {manifest.get('format_version')}; this "
-                          f"distil reads format {FORMAT_VERSION}. Write it again with distil cache-teacher --overwrite.")
+                          f"distil reads formats {', '.join(map(str, READABLE_VERSIONS))}. Write it again with distil "
+                          "cache-teacher --overwrite.")
+    if store_format_of(manifest) not in STORE_FORMATS:
+        raise DistilError(f"{root} holds a teacher-signal store in the format {store_format_of(manifest)!r}, which "
+                          f"this distil does not know (it reads {', '.join(STORE_FORMATS)}). Use the distil that "
+                          "wrote it, or write it again with distil cache-teacher --overwrite.")
     return manifest

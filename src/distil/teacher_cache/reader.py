@@ -21,7 +21,8 @@ class TeacherStore:
         self.manifest = fmt.read_store_manifest(self.root)
         m = self.manifest
         self.k, self.sampled, self.temperature = int(m["k"]), int(m["sampled"]), float(m["temperature"])
-        self.logprobs = m["logprobs"]
+        self.layout = fmt.layout_of(m)
+        self.store_format = self.layout.store_format
         self.hidden_states = m.get("hidden_states")
         self.masking = m.get("masking")   # an MLM teacher's store: each sequence's masked input and targets
         self.shard_size = int(m["shard_size"])
@@ -36,9 +37,7 @@ class TeacherStore:
         shard = self._shards.get(index)
         if shard is None:
             path = self.root / fmt.shard_name(index)
-            names = ["offsets", "top_ids", "log_rest", *fmt.logprob_arrays(self.logprobs)]
-            if self.sampled:
-                names += ["sample_ids", "sample_logp", "sample_logw"]
+            names = ["offsets", *self.layout.arrays()]
             if self.hidden_states:
                 names.append("hidden")
             if self.masking:
@@ -49,6 +48,12 @@ class TeacherStore:
             except (OSError, ValueError) as exc:
                 raise DistilError(f"The teacher-signal store {self.root} is damaged: {path.name} cannot be read "
                                   f"({exc}). Write it again with distil cache-teacher --overwrite.") from None
+            entry = self.manifest["shards"][index]
+            problem = fmt.shard_problem(shard, self.layout, int(entry["sequences"]))
+            if problem:
+                raise DistilError(f"The teacher-signal store {self.root} is damaged: {path.name} does not match its "
+                                  f"manifest ({problem}); it may come from another store. Write it again with "
+                                  "distil cache-teacher --overwrite.")
             if self.masking and digest != self.manifest["shards"][index].get("masks_digest"):
                 raise DistilError(f"The teacher-signal store {self.root} is damaged: the masks of {path.name} are not "
                                   "the ones it was written with (their digest differs from the manifest's), so the "
@@ -96,22 +101,28 @@ class TeacherStore:
                 if name not in ("offsets", *fmt.MASK_ARRAYS) and (name != "hidden" or want_hidden):
                     pieces.setdefault(name, []).append(np.asarray(array[rows]))
         arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
-        n = sum(int(c) for c in counts)
         if not arrays:  # no rows at all
-            arrays = {"top_ids": np.zeros((0, self.k), np.int64), "log_rest": np.zeros(0, np.float32),
-                      "top_logp": np.zeros((0, self.k), np.float32)}
-        top_logp = fmt.decode_logprobs(arrays, self.logprobs if n else "float16", self.k)
-        log_rest = torch.from_numpy(arrays["log_rest"].astype(np.float32)).clamp_min(LOG_FLOOR)
-        # Quantised top-k probabilities renormalised to 1 - rest: the k + 1 buckets sum to 1 exactly.
-        top_logp = top_logp - torch.logsumexp(top_logp, dim=1, keepdim=True) \
-            + torch.log1p(-log_rest.exp().clamp_max(1 - 1e-6)).unsqueeze(1)
+            arrays = {name: np.zeros((0, *shape), dtype) for name, (shape, dtype) in self.layout.arrays().items()}
+        return sparse_targets(arrays, self.layout, want_hidden, device)
 
-        def tensor(name, dtype=torch.float32):
-            if name not in arrays:
-                return None
-            return torch.from_numpy(arrays[name].astype(np.int64 if dtype == torch.int64 else np.float32)).to(device)
 
-        return SparseSignals(top_ids=tensor("top_ids", torch.int64), top_logp=top_logp.to(device),
-                             log_rest=log_rest.to(device), sample_ids=tensor("sample_ids", torch.int64),
-                             sample_logp=tensor("sample_logp"), sample_logw=tensor("sample_logw"),
-                             hidden=tensor("hidden") if want_hidden else None)
+def sparse_targets(arrays: dict[str, np.ndarray], layout: fmt.StoreLayout, want_hidden: bool = False,
+                   device: torch.device | None = None) -> SparseSignals:
+    """The training path's sparse signals from the stored rows of some positions (name -> rows of each array of
+    `layout`, and `hidden` when wanted), whatever the store's format."""
+    signals = fmt.decode_signals(arrays, layout)
+    log_rest = signals["log_rest"].clamp_min(LOG_FLOOR)
+    top_logp = signals["top_logp"]
+    # Quantised top-k probabilities renormalised to 1 - rest: the k + 1 buckets sum to 1 exactly.
+    top_logp = top_logp - torch.logsumexp(top_logp, dim=1, keepdim=True) \
+        + torch.log1p(-log_rest.exp().clamp_max(1 - 1e-6)).unsqueeze(1)
+
+    def on_device(name: str) -> torch.Tensor | None:
+        return None if signals[name] is None else signals[name].to(device)
+
+    hidden = None
+    if want_hidden and "hidden" in arrays:
+        hidden = torch.from_numpy(np.asarray(arrays["hidden"], dtype=np.float32)).to(device)
+    return SparseSignals(top_ids=on_device("top_ids"), top_logp=top_logp.to(device), log_rest=log_rest.to(device),
+                         sample_ids=on_device("sample_ids"), sample_logp=on_device("sample_logp"),
+                         sample_logw=on_device("sample_logw"), hidden=hidden)

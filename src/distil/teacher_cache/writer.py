@@ -55,7 +55,7 @@ def _process_group(rank: int | None, world: int | None):
 
 
 def _check_settings(k: int, sampled: int, temperature: float, proposal_temperature: float, batch_size: int,
-                    shard_size: int, hidden_states, logprobs: str) -> None:
+                    shard_size: int, hidden_states, store_format: str) -> None:
     if k < 1:
         raise DistilError(f"--top-k must be at least 1, got {k}.")
     if sampled < 0:
@@ -67,8 +67,8 @@ def _check_settings(k: int, sampled: int, temperature: float, proposal_temperatu
         raise DistilError(f"--batch-size and --shard-size must be at least 1, got {batch_size} and {shard_size}.")
     if hidden_states not in HIDDEN_CHOICES:
         raise DistilError(f"--hidden-states must be none or last, got {hidden_states!r}.")
-    if logprobs not in fmt.LOGPROB_FORMATS:
-        raise DistilError(f"--logprobs must be one of {', '.join(fmt.LOGPROB_FORMATS)}, got {logprobs!r}.")
+    if store_format not in fmt.STORE_FORMATS:
+        raise DistilError(f"--format must be one of {', '.join(fmt.STORE_FORMATS)}, got {store_format!r}.")
 
 
 def mask_generator(seed: int, sequence_index: int) -> torch.Generator:
@@ -209,17 +209,9 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
     lengths = data.lengths[first:stop].astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     rows = int(offsets[-1])
-    k, sampled, logprobs = plan["k"], plan["sampled"], plan["logprobs"]
+    k, sampled, layout = plan["k"], plan["sampled"], fmt.layout_of(plan)
     id_dtype = np.dtype(plan["ids_dtype"])
-    shapes = {"top_ids": ((rows, k), id_dtype), "log_rest": ((rows,), np.float16)}
-    if logprobs == "float16":
-        shapes["top_logp"] = ((rows, k), np.float16)
-    else:
-        shapes["head_logp"] = ((rows, fmt.COMPACT_HEAD), np.float16)
-        shapes["tail_poly"] = ((rows, fmt.COMPACT_DEGREE + 1), np.float32)
-    if sampled:
-        shapes.update(sample_ids=((rows, sampled), id_dtype), sample_logp=((rows, sampled), np.float16),
-                      sample_logw=((rows, sampled), np.float16))
+    shapes = {name: ((rows, *shape), dtype) for name, (shape, dtype) in layout.arrays().items()}
     want_hidden = plan["hidden_states"] == "last"
     if want_hidden:
         shapes["hidden"] = ((rows, plan["hidden_size"]), np.float16)
@@ -244,14 +236,11 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
             where = slice(at, at + n)
             signals = sparse_signals(logits[row, :n].float().cpu(), k, plan["temperature"], sampled,
                                      sequence_generator(plan["seed"], seq), plan["proposal_temperature"])
-            arrays["top_ids"][where] = signals.top_ids.numpy().astype(id_dtype)
-            arrays["log_rest"][where] = signals.log_rest.numpy()
-            for name, value in fmt.encode_logprobs(signals.top_logp.numpy(), logprobs).items():
+            encoded = fmt.encode_signals(layout, signals.top_ids.numpy(), signals.top_logp.numpy(),
+                                         signals.log_rest.numpy(), signals.sample_ids.numpy(),
+                                         signals.sample_logp.numpy(), signals.sample_logw.numpy())
+            for name, value in encoded.items():
                 arrays[name][where] = value
-            if sampled:
-                arrays["sample_ids"][where] = signals.sample_ids.numpy().astype(id_dtype)
-                arrays["sample_logp"][where] = signals.sample_logp.numpy()
-                arrays["sample_logw"][where] = signals.sample_logw.numpy()
             if want_hidden:
                 arrays["hidden"][where] = out.hidden_states[-1][row, :n].float().cpu().numpy()
             if masker is not None:
@@ -308,11 +297,15 @@ def _finish(root: Path, plan: dict, n_shards: int) -> dict | None:
 
 def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sampled: int = 0, temperature: float = 2.0,
                   split: str = "train", batch_size: int = 8, max_length: int | None = None, overwrite: bool = False,
-                  hidden_states: str | None = None, logprobs: str = "float16", proposal_temperature: float = 1.0,
+                  hidden_states: str | None = None, store_format: str | None = None, proposal_temperature: float = 1.0,
                   seed: int = 0, shard_size: int = 1024, dtype: str = "float32", progress: bool = True,
                   rank: int | None = None, world: int | None = None, mlm_probability: float | None = None,
-                  mlm_smoothing: float | None = None, mask_replace: Sequence[float] | None = None) -> dict:
+                  mlm_smoothing: float | None = None, mask_replace: Sequence[float] | None = None,
+                  logprobs: str | None = None) -> dict:
     """Write the teacher-signal store of `teacher` over split `split` of prepared `data` into `output`.
+
+    `store_format` is one of format.STORE_FORMATS (`logprobs` is its earlier name; the default is
+    format.DEFAULT_STORE_FORMAT).
 
     A masked-LM teacher scores each sequence masked with `mlm_probability`, `mlm_smoothing` and `mask_replace`
     (the recipe's loss.* settings, its defaults when not given), as training would mask it.
@@ -323,7 +316,9 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     from distil.checks import check_data_matches_tokenizer
 
     hidden_states = None if hidden_states in (None, "none") else hidden_states
-    _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states, logprobs)
+    store_format = store_format or logprobs or fmt.DEFAULT_STORE_FORMAT
+    _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states,
+                    store_format)
     if dtype not in DTYPES:
         raise DistilError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     masking = _masking_settings(mlm_probability, mlm_smoothing, mask_replace, seed)  # used for masked-LM teachers
@@ -355,7 +350,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
         "data": {"fingerprint": fmt.data_fingerprint(data, split), "max_length": max_length,
                  "sequences": len(sequences), "positions": int(lengths.sum())},
         "data_path": str(data),
-        "ids_dtype": fmt.ids_dtype(vocab).str, "logprobs": fmt.logprob_format_for(logprobs, top_k),
+        "ids_dtype": fmt.ids_dtype(vocab).str, "store_format": fmt.store_format_for(store_format, top_k),
         "log_rest_dtype": "float16", "sample_dtype": "float16",
         "hidden_states": hidden_states, "hidden_size": hidden_size_of(model.config) if hidden_states else None,
         "shard_size": shard_size, "masking": masking,
