@@ -77,10 +77,15 @@ def _stored_kl(store_dir: Path, dense: list, T: float) -> dict:
     from distil.teacher_cache.reader import TeacherStore
 
     store = TeacherStore(store_dir)
+    return targets_kl(lambda index, n: store.targets([index], [n]), dense, T)
+
+
+def targets_kl(targets_of, dense: list, T: float) -> dict:
+    """`_stored_kl` of the sparse targets `targets_of(index, positions)` of each of the `dense` sequences."""
     bucket, full, rest = [], [], []
     for index, logits in dense:
         n = logits.shape[0]
-        t = store.targets([index], [n])
+        t = targets_of(index, n)
         logp = torch.log_softmax(logits / T, dim=-1)
         dense_top = logp.gather(1, t.top_ids)
         dense_rest = torch.logsumexp(logp.scatter(1, t.top_ids, float("-inf")), dim=-1)
@@ -100,36 +105,20 @@ def _stored_kl(store_dir: Path, dense: list, T: float) -> dict:
 def _grad_bias(store_sampled: Path, dense: list, student_dir: Path, T: float, batch: int, k: int, sampled: int,
                seeds: int) -> dict:
     """Gradients of the soft-target sum w.r.t. the student's logits on a fixed batch: estimates against dense."""
-    from transformers import AutoModelForCausalLM
-
     from distil.teacher_signal.divergences import bucketed_divergence_sum, divergence_sum, sampled_forward_kl_sum
     from distil.teacher_signal.signals import SparseSignals as SparseTargets
     from distil.teacher_cache.reader import TeacherStore
     from distil.teacher_cache.signals import sequence_generator, sparse_signals
-    from distil.data.dataset import TokenSequences
 
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     store = TeacherStore(store_sampled)
-    data = TokenSequences(store.manifest["data_path"], store.manifest["split"])
     chosen = dense[:batch]
-    rows_s, rows_t, stored = [], [], []
-    for index, logits in chosen:
-        ids = torch.as_tensor(data[index]).unsqueeze(0)
-        rows_s.append(student(input_ids=ids).logits[0].float())
-        rows_t.append(logits)
-        stored.append(store.targets([index], [logits.shape[0]]))
-    with_graph, t_logits = torch.cat(rows_s), torch.cat(rows_t)
+    with_graph, params = student_rows(student_dir, store.manifest["data_path"], store.manifest["split"], chosen)
+    stored = [store.targets([index], [logits.shape[0]]) for index, logits in chosen]
+    t_logits = torch.cat([logits for _, logits in chosen])
     s_logits = with_graph.detach()
-    params = [p for p in student.parameters() if p.requires_grad]
 
     def grad(fn):
-        x = s_logits.clone().requires_grad_(True)
-        fn(x).backward()
-        return x.grad
-
-    def cat_targets(parts):
-        return SparseTargets(*[torch.cat([getattr(p, f) for p in parts]) for f in
-                               ("top_ids", "top_logp", "log_rest", "sample_ids", "sample_logp", "sample_logw")])
+        return logit_grad(s_logits, fn)
 
     dense_g = grad(lambda x: divergence_sum(x, t_logits, "forward_kl", T))
     stored_t = cat_targets(stored)
@@ -144,6 +133,42 @@ def _grad_bias(store_sampled: Path, dense: list, student_dir: Path, T: float, ba
         t = cat_targets(parts)
         mean_g += grad(lambda x: sampled_forward_kl_sum(x, t, T)) / seeds
 
+    compare = gradient_comparison(with_graph, params, dense_g)
+    return {"positions": int(s_logits.shape[0]), "top_k_rest": compare(topk_g),
+            "top_k_sampled_one_draw": compare(one_draw_g), f"top_k_sampled_mean_{seeds}_draws": compare(mean_g)}
+
+
+def student_rows(student_dir: Path, data_path: str, split: str, chosen: list):
+    """(the student's logits at every position of the `chosen` sequences, rows concatenated, with their graph;
+    the student's trainable parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    from distil.data.dataset import TokenSequences
+
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    data = TokenSequences(data_path, split)
+    rows = [student(input_ids=torch.as_tensor(data[index]).unsqueeze(0)).logits[0].float() for index, _ in chosen]
+    return torch.cat(rows), [p for p in student.parameters() if p.requires_grad]
+
+
+def logit_grad(s_logits, fn):
+    """The gradient of fn(student logits) with respect to the logits."""
+    x = s_logits.clone().requires_grad_(True)
+    fn(x).backward()
+    return x.grad
+
+
+def cat_targets(parts):
+    """Sparse targets of several sequences, rows concatenated."""
+    from distil.losses.sparse import SparseTargets
+
+    return SparseTargets(*[None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                           for f in ("top_ids", "top_logp", "log_rest", "sample_ids", "sample_logp", "sample_logw")])
+
+
+def gradient_comparison(with_graph, params, dense_g):
+    """compare(g): relative L2 error and cosine of a logits' gradient g against dense_g, on the logits and on the
+    student's parameters."""
     def parameter_grad(g):  # the gradient is linear in the logits' gradient: backpropagate each once
         grads = torch.autograd.grad(with_graph, params, grad_outputs=g, retain_graph=True)
         return torch.cat([x.flatten() for x in grads])
@@ -158,8 +183,7 @@ def _grad_bias(store_sampled: Path, dense: list, student_dir: Path, T: float, ba
                                                                                  dim=0).item(), 4)}
         return out
 
-    return {"positions": int(s_logits.shape[0]), "top_k_rest": compare(topk_g),
-            "top_k_sampled_one_draw": compare(one_draw_g), f"top_k_sampled_mean_{seeds}_draws": compare(mean_g)}
+    return compare
 
 
 def _step_time(name: str, work: Path, data: Path, student: Path, steps: int, teacher: Path | None,
@@ -230,9 +254,9 @@ def main() -> None:
     started = time.perf_counter()
     dense = _dense_logits(teacher, data, "heldout", args.heldout_sequences)
     result["dense_forward_s"] = round(time.perf_counter() - started, 1)
-    for name, options in (("float16", dict(logprobs="float16")), ("compact", dict(logprobs="compact")),
-                          ("float16+16 sampled", dict(logprobs="float16", sampled=16)),
-                          ("compact+16 sampled", dict(logprobs="compact", sampled=16))):
+    for name, options in (("float16", dict(store_format="float16")), ("compact", dict(store_format="compact")),
+                          ("float16+16 sampled", dict(store_format="float16", sampled=16)),
+                          ("compact+16 sampled", dict(store_format="compact", sampled=16))):
         store = work / f"store-{name.replace('+', '-').replace(' ', '')}"
         t0 = time.perf_counter()
         m = cache_teacher(str(teacher), str(data), str(store), top_k=k, temperature=T, split="heldout",

@@ -207,7 +207,15 @@ def test_store_format_store_reads_what_was_encoded(workspace, store_format, prop
         assert torch.equal(got.top_ids, logits.topk(6, dim=-1).indices)
 
 
-def test_store_format_command_line_flag():
+def test_store_format_command_line_flag(workspace, capsys):
+    from distil.cli import main
+
+    root, teacher, data = workspace
+    out = root / "store-cli"
+    assert main(["cache-teacher", "--teacher", str(teacher), "--data", str(data), "-o", str(out), "--top-k", "5",
+                 "--format", "packed4", "--shard-size", "64"]) == 0
+    assert json.loads((out / fmt.MANIFEST).read_text())["store_format"] == "packed4"
+    assert TeacherStore(out).targets([2], [4]).top_ids.shape == (4, 5)
     args = build_parser().parse_args(["cache-teacher", "--teacher", "t", "--data", "d", "-o", "o", "--format",
                                       "packed"])
     assert args.store_format == "packed"
