@@ -42,6 +42,18 @@ declare -A ROWS=(
     [kl-clm]="loss.alpha_ce=5 loss.alpha_clm=2"
 )
 if [[ -f $R/cache/manifest.json ]]; then ROWS[store]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/cache"; fi
+# STORE_FORMATS="FORMAT:K:K' ...": one store per entry (cache-teacher --format FORMAT --top-k K --sampled K') and a
+# row store-FORMAT-kK-sK' training forward KL from it, to compare store formats at an equal budget (RESULTS.md).
+for spec in ${STORE_FORMATS:-}; do
+    IFS=: read -r format top_k sampled <<< "$spec"
+    name=store-$format-k$top_k-s$sampled
+    if [[ ! -f $R/$name/manifest.json ]]; then
+        stamp "cache-teacher $name"
+        "$DISTIL" cache-teacher --teacher "$T" --data "$R/data" --output "$R/$name" --format "$format" \
+            --top-k "$top_k" --sampled "$sampled" --temperature 1 --max-length 128 > "$R/$name.log" 2>&1
+    fi
+    ROWS[$name]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/$name"
+done
 mkdir -p "$R/logs"
 train_row() {
     local name=$1 seed=$2; shift 2
