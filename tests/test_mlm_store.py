@@ -31,7 +31,7 @@ def mlm_store(tmp_path_factory):
     data = prepared_data(root, teacher, name="data", n_lines=60)
     store = root / "store"
     cache_teacher(str(teacher), str(data), str(store), top_k=96, temperature=T, shard_size=16, batch_size=5,
-                  seed=3, progress=False)
+                  seed=3, store_format="float16", progress=False)
     return root, teacher, data, store
 
 

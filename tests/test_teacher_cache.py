@@ -193,7 +193,7 @@ def test_teacher_cache_store_round_trips_to_the_dense_loss(workspace):
     root, teacher, data = workspace
     store_dir = root / "store-roundtrip"
     result = cache_teacher(str(teacher), str(data), str(store_dir), top_k=8, temperature=2.0, shard_size=16,
-                           batch_size=4, progress=False)
+                           batch_size=4, store_format="float16", progress=False)
     assert result["finished"] and result["k"] == 8
     # ids, log-probabilities, rest mass; plus .npy headers and offsets (128 bytes a file, 8 a sequence)
     assert 8 * 2 + 8 * 2 + 2 <= result["signal_bytes_per_token"] <= 8 * 2 + 8 * 2 + 2 + 3
