@@ -121,9 +121,10 @@ def main() -> None:
               "student": f"init-student --num-layers {args.student_layers}",
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                          f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
-              "sorted_id_set_bound_bytes": {k: round(math.lgamma(vocab + 1) - math.lgamma(k + 1)
-                                                     - math.lgamma(vocab - k + 1), 1) / math.log(2) / 8
-                                            for k in (16, 24, 32, 128)},
+              # the fewest bytes any code of the top-k ids (a k-subset of the vocabulary) can take: log2 C(V, k) / 8
+              "id_set_bound_bytes": {k: round((math.lgamma(vocab + 1) - math.lgamma(k + 1)
+                                               - math.lgamma(vocab - k + 1)) / math.log(2) / 8, 1)
+                                     for k in (24, 32, 128)},
               "rows": []}
     print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
     for store_format, k, sampled in CONFIGS:

@@ -64,6 +64,26 @@ def test_store_format_bit_packing_round_trips_and_matches_the_plain_layout(bits)
                                                       bitorder="little"))
 
 
+@pytest.mark.parametrize("count,universe", [(1, 2), (1, 96), (6, 96), (32, 49_152), (128, 49_152), (32, 128_256),
+                                            (40, 40)])
+def test_store_format_elias_fano_round_trips_sorted_sets(count, universe):
+    rng = np.random.default_rng(count)
+    rows = [np.sort(rng.choice(universe, count, replace=False)) for _ in range(6)]
+    rows.append(np.full(count, universe - 1))              # the largest id, repeated (draws repeat)
+    rows.append(np.zeros(count, dtype=np.int64))
+    values = np.stack(rows)
+    packed = packing.elias_fano_pack(values, universe)
+    assert packed.shape == (8, packing.elias_fano_width(count, universe))
+    np.testing.assert_array_equal(packing.elias_fano_unpack(packed, count, universe), values)
+    low, high = packing.elias_fano_bits(count, universe)
+    assert count * low + high <= count * (2 + max(0.0, math.log2(universe / count))) + 1
+
+
+def by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort(dim=1)
+    return ids.gather(1, order), values.gather(1, order)
+
+
 @pytest.mark.parametrize("vocab", [50_000, 128_256])
 @pytest.mark.parametrize("store_format", fmt.STORE_FORMATS)
 @pytest.mark.parametrize("k,sampled", [(128, 0), (32, 8), (1, 2)])
@@ -76,12 +96,18 @@ def test_store_format_round_trip(store_format, k, sampled, vocab):
     for name, (shape, dtype) in layout.arrays().items():
         assert arrays[name].dtype == dtype and arrays[name].shape == (40, *shape), name
     got = fmt.decode_signals(arrays, layout)
-    assert torch.equal(got["top_ids"], signals.top_ids)
     want, decoded = signals.top_logp, got["top_logp"]
+    if layout.store_format != "compact":   # (compact's fitted curve need not join its head monotonically)
+        assert torch.all(decoded[:, 1:] <= decoded[:, :-1])   # by decreasing probability
+    if layout.sorted_ids:   # a set, in the order of the decoded log-probabilities (equal codes: any order)
+        (ids, decoded), (want_ids, want) = by_id(got["top_ids"], decoded), by_id(signals.top_ids, want)
+        assert torch.equal(ids, want_ids)
+    else:
+        assert torch.equal(got["top_ids"], signals.top_ids)
     if layout.packed:
         steps = np.asarray(arrays["logp_scale"], dtype=np.float32)
         levels = (1 << fmt.PACKED_LOGPROB_BITS[store_format]) - 1
-        anchor, top = steps[:, 0], want[:, 0].numpy()
+        anchor, top = steps[:, 0], want.max(1).values.numpy()
         assert np.all((anchor >= top) & (anchor - top <= np.abs(top) * 2**-10 + 1e-7))  # float16, rounded up
         spread = anchor - want.min(1).values.numpy()
         assert np.all(steps[:, 1] <= spread / levels * (1 + 2**-10) + 1e-7)   # the step is the range's
@@ -139,7 +165,7 @@ def test_store_format_kl_bound_extremes():
         targets = sparse_targets(arrays, layout)
         assert torch.all(torch.isfinite(targets.top_logp)) and torch.all(torch.isfinite(targets.sample_logw))
         assert bucket_kl(logits, targets).abs().max() < 1e-6
-        assert torch.equal(targets.top_ids, signals.top_ids)
+        assert torch.equal(by_id(targets.top_ids, targets.top_logp)[0], signals.top_ids.sort(dim=1).values)
 
 
 def test_store_format_bytes_per_token_as_designed():
@@ -151,14 +177,19 @@ def test_store_format_bytes_per_token_as_designed():
 
     assert size("float16", 128, 0) == 128 * 2 + 128 * 2 + 2 == 514
     assert size("compact", 128, 0) == 128 * 2 + 8 * 2 + 4 * 4 + 2 == 290
-    assert size("packed", 128, 0) == 256 + 128 + 4 + 2 == 390
-    assert size("packed", 32, 0) == 64 + 32 + 4 + 2 == 102
-    assert size("packed", 32, 8) == 64 + 32 + 6 + 2 + 16 + 8 == 128
-    assert size("packed4", 32, 8) == 64 + 16 + 6 + 2 + 16 + 4 == 108
-    assert size("packed", 24, 8) == 48 + 24 + 6 + 2 + 16 + 8 == 104
-    assert size("packed", 32, 8, proposal_temperature=2.0) == 128 + 8 * 2   # weights stored in float16
-    # a 128k vocabulary: 17-bit ids where the unpacked formats need int32
-    assert size("packed", 32, 0, vocab=128_256) == 68 + 32 + 4 + 2
+    # top-k ids as a sorted set: k l low bits (l = floor(log2(V / k))) and k + (V - 1 >> l) + 1 high bits
+    assert packing.elias_fano_width(128, 49_152) == 128 * 8 // 8 + (128 + 192 + 7) // 8 == 168
+    assert packing.elias_fano_width(32, 49_152) == 32 * 10 // 8 + (32 + 48 + 7) // 8 == 50
+    assert size("packed", 128, 0) == 168 + 128 + 4 + 2 == 302
+    assert size("packed", 32, 0) == 50 + 32 + 4 + 2 == 88
+    assert size("packed", 32, 8) == 50 + 32 + 6 + 2 + 16 + 8 == 114
+    assert size("packed4", 32, 8) == 50 + 16 + 6 + 2 + 16 + 4 == 94
+    assert size("packed", 24, 8) == (24 * 11 // 8 + 6) + 24 + 6 + 2 + 16 + 8 == 95
+    assert size("packed", 32, 8, proposal_temperature=2.0) == 114 + 8 * 2   # weights stored in float16
+    # k = 1: a sorted set is no smaller than one 16-bit id
+    assert not fmt.StoreLayout("packed", 1, 0, 49_152, "<u2").sorted_ids and size("packed", 1, 0) == 2 + 1 + 4 + 2
+    # a 128k vocabulary, where the unpacked formats need int32 ids
+    assert size("packed", 32, 0, vocab=128_256) == (32 * 11 // 8 + (32 + 63 + 7) // 8) + 32 + 4 + 2 == 94
     assert size("float16", 32, 0, vocab=128_256) == 32 * 4 + 32 * 2 + 2
 
 
@@ -193,7 +224,7 @@ def test_store_format_store_reads_what_was_encoded(workspace, store_format, prop
                       store_format=store_format, proposal_temperature=proposal_temperature, progress=False)
     layout = fmt.layout_of(m)
     assert m["store_format"] == store_format and m["format_version"] == fmt.FORMAT_VERSION
-    assert packing.id_bits(m["vocab_size"]) == 7   # a 96-token vocabulary: the bit-by-bit path
+    assert packing.id_bits(m["vocab_size"]) == 7 and layout.sorted_ids   # 96 tokens: bit by bit, and a sorted set
     assert layout.bytes_per_position() <= m["signal_bytes_per_token"] <= layout.bytes_per_position() + 8
     store = TeacherStore(out)
     for index in (0, 21):
@@ -204,7 +235,7 @@ def test_store_format_store_reads_what_was_encoded(workspace, store_format, prop
         want, got = sparse_targets(arrays, layout), store.targets([index], [logits.shape[0]])
         for name in ("top_ids", "top_logp", "log_rest", "sample_ids", "sample_logp", "sample_logw"):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
-        assert torch.equal(got.top_ids, logits.topk(6, dim=-1).indices)
+        assert torch.equal(got.top_ids.sort(dim=1).values, logits.topk(6, dim=-1).indices.sort(dim=1).values)
 
 
 def test_store_format_command_line_flag(workspace, capsys):
@@ -242,7 +273,7 @@ def test_store_format_refuses_a_corrupt_or_mismatched_shard(workspace, tmp_path)
     store.targets([16], [3])   # the other shards are intact
     cut = tmp_path / "cut"
     shutil.copytree(packed, cut)
-    path = cut / "shard-00001" / "top_ids_packed.npy"
+    path = cut / "shard-00001" / "top_ids_sorted.npy"
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DistilError, match="damaged: shard-00001 cannot be read"):
         TeacherStore(cut).targets([16], [3])

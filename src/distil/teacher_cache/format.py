@@ -19,7 +19,9 @@ A store directory holds:
     sample_ids.npy / sample_logp.npy / sample_logw.npy   (positions, k') draws from the tail with log p and the
                      importance log-weight (with --sampled)
     packed / packed4 (distil.teacher_cache.packing):
-    top_ids_packed.npy     (positions, ceil(k b / 8)) uint8: the ids in b = ceil(log2 vocabulary) bits each
+    top_ids_sorted.npy     (positions, bytes) uint8: the top-k ids as a sorted set (Elias-Fano), their log-
+                           probabilities' codes in the same order (the reader sorts them back by probability);
+    top_ids_packed.npy     or, where that is smaller (k near 1), the ids in b = ceil(log2 vocabulary) bits each
     top_logp_codes.npy     (positions, ceil(k q / 8)) uint8: q-bit codes (q = 8 or 4) of each log-probability's
                            distance below a per-position anchor, in per-position steps
     logp_scale.npy         (positions, 2 or 3) float16: anchor, step of the top-k, step of the draws
@@ -158,6 +160,12 @@ class StoreLayout:
         return self.store_format in PACKED_LOGPROB_BITS
 
     @property
+    def sorted_ids(self) -> bool:
+        """Packed top-k ids are stored as a sorted set (Elias-Fano) wherever that is smaller than fixed-width ids."""
+        return self.packed and packing.elias_fano_width(self.k, self.vocab_size) < packing.packed_width(
+            self.k, packing.id_bits(self.vocab_size))
+
+    @property
     def weights_stored(self) -> bool:
         """With the tail itself as proposal every weight is R / k' (signals.sparse_signals): no need to store it."""
         return not self.packed or self.proposal_temperature != 1.0
@@ -168,7 +176,10 @@ class StoreLayout:
         out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         if self.packed:
             ib, qb, u8 = packing.id_bits(self.vocab_size), PACKED_LOGPROB_BITS[self.store_format], np.dtype("u1")
-            out["top_ids_packed"] = ((packing.packed_width(k, ib),), u8)
+            if self.sorted_ids:
+                out["top_ids_sorted"] = ((packing.elias_fano_width(k, self.vocab_size),), u8)
+            else:
+                out["top_ids_packed"] = ((packing.packed_width(k, ib),), u8)
             out["top_logp_codes"] = ((packing.packed_width(k, qb),), u8)
             out["logp_scale"] = ((3 if draws else 2,), f16)
             if draws:
@@ -214,7 +225,13 @@ def encode_signals(layout: StoreLayout, top_ids: np.ndarray, top_logp: np.ndarra
         ib, qb = packing.id_bits(layout.vocab_size), PACKED_LOGPROB_BITS[layout.store_format]
         anchor = packing.float16_at_least(top_logp[:, 0])
         top_codes, top_step = packing.quantise_below(top_logp, anchor, qb)
-        out["top_ids_packed"] = packing.pack_bits(top_ids, ib)
+        if layout.sorted_ids:   # the codes follow their ids into increasing id order
+            order = np.argsort(top_ids, axis=1, kind="stable")
+            top_codes = np.take_along_axis(top_codes, order, axis=1)
+            out["top_ids_sorted"] = packing.elias_fano_pack(np.take_along_axis(np.asarray(top_ids), order, axis=1),
+                                                            layout.vocab_size)
+        else:
+            out["top_ids_packed"] = packing.pack_bits(top_ids, ib)
         out["top_logp_codes"] = packing.pack_bits(top_codes, qb)
         scale = [anchor, top_step]
         if draws:
@@ -245,7 +262,13 @@ def decode_signals(arrays: dict, layout: StoreLayout) -> dict[str, torch.Tensor 
         ib, qb = packing.id_bits(layout.vocab_size), PACKED_LOGPROB_BITS[layout.store_format]
         scale = np.asarray(arrays["logp_scale"], dtype=np.float32)
         top_codes = packing.unpack_bits(arrays["top_logp_codes"], k, qb)
-        out["top_ids"] = torch.from_numpy(packing.unpack_bits(arrays["top_ids_packed"], k, ib))
+        if layout.sorted_ids:   # back to decreasing probability (equal codes: increasing id)
+            ids = packing.elias_fano_unpack(arrays["top_ids_sorted"], k, layout.vocab_size)
+            order = np.argsort(top_codes, axis=1, kind="stable")
+            top_codes, ids = np.take_along_axis(top_codes, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        else:
+            ids = packing.unpack_bits(arrays["top_ids_packed"], k, ib)
+        out["top_ids"] = torch.from_numpy(ids)
         out["top_logp"] = torch.from_numpy(packing.dequantise_below(top_codes, scale[:, 0], scale[:, 1]))
         if draws:
             sample_codes = packing.unpack_bits(arrays["sample_logp_codes"], draws, qb)
