@@ -336,10 +336,11 @@ def _add_cache_teacher(sub) -> None:
                    help="cut longer sequences as training does (data.max_length must then be the same)")
     p.add_argument("--format", "--logprobs", dest="store_format", choices=list(STORE_FORMATS),
                    default=DEFAULT_STORE_FORMAT,
-                   help="float16: ids and every top-k log-probability in 16 bits; compact: the 8 most probable "
-                        "exactly and a cubic in log-rank through the rest; packed: ids in ceil(log2 vocabulary) bits, "
-                        "log-probabilities in 8-bit steps below the top one (packed4: 4-bit); see the README's "
-                        f"teacher-signal store for sizes and measured losses (default {DEFAULT_STORE_FORMAT})")
+                   help="packed: the top-k ids as a sorted set (Elias-Fano), log-probabilities in 8-bit steps "
+                        "below the top one (packed4: 4-bit), draws' ids in ceil(log2 vocabulary) bits; float16: ids "
+                        "and every log-probability in 16 bits; compact: the 8 most probable exactly and a cubic in "
+                        "log-rank through the rest. Sizes and measured losses: benchmarks/RESULTS.md (default "
+                        f"{DEFAULT_STORE_FORMAT})")
     p.add_argument("--hidden-states", choices=["none", "last"], default="none",
                    help="also store the teacher's last hidden state (float16), for hidden-state and sentence losses")
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard (default 1024)")
