@@ -14,6 +14,7 @@ import torch
 
 from distil.cli import build_parser
 from distil.errors import DistilError
+from distil.teacher_cache import DEFAULT_STORE_FORMAT
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache import packing
 from distil.teacher_cache.reader import TeacherStore, sparse_targets
@@ -254,7 +255,7 @@ def test_store_format_command_line_flag(workspace, capsys):
                                      "compact"])
     assert old.store_format == "compact"
     assert build_parser().parse_args(["cache-teacher", "--teacher", "t", "--data", "d", "-o", "o"]).store_format \
-        == fmt.DEFAULT_STORE_FORMAT
+        == DEFAULT_STORE_FORMAT
 
 
 def test_store_format_refuses_a_corrupt_or_mismatched_shard(workspace, tmp_path):

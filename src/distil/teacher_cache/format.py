@@ -56,7 +56,7 @@ import torch
 
 from distil.data import shards as data_shards
 from distil.errors import DistilError
-from distil.teacher_cache import DEFAULT_STORE_FORMAT, STORE_FORMATS, packing  # noqa: F401 (re-exported)
+from distil.teacher_cache import STORE_FORMATS, packing
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: float16 and compact only; packed formats were added in 2

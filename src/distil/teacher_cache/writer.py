@@ -31,6 +31,7 @@ from distil.errors import DistilError
 from distil.disk_space import directory_bytes, disk_space_errors, reserve_space
 from distil.outputs import check_output_dir, check_writable, human_size, output_lock, remove_stale_leftovers, \
     write_json_atomic, write_marker
+from distil.teacher_cache import DEFAULT_STORE_FORMAT
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.signals import SEED_STRIDE, sequence_generator, sparse_signals
 
@@ -316,7 +317,7 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     from distil.checks import check_data_matches_tokenizer
 
     hidden_states = None if hidden_states in (None, "none") else hidden_states
-    store_format = store_format or logprobs or fmt.DEFAULT_STORE_FORMAT
+    store_format = store_format or logprobs or DEFAULT_STORE_FORMAT
     _check_settings(top_k, sampled, temperature, proposal_temperature, batch_size, shard_size, hidden_states,
                     store_format)
     if dtype not in DTYPES:
