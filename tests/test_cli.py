@@ -2,7 +2,8 @@ import pytest
 
 from distil.cli import build_parser, main
 
-COMMANDS = ["prepare", "init-student", "train", "task", "evaluate", "report", "demo", "fit-head", "cache-teacher"]
+COMMANDS = ["prepare", "init-student", "train", "task", "evaluate", "report", "demo", "fit-head", "cache-teacher",
+            "static-student"]
 
 
 def subparsers():
