@@ -69,7 +69,9 @@ def distilbert_step(device, small: bool, steps: int) -> dict:
 
     from distil.data.masking import MLMMasker, mask_probabilities
     from distil.training.fused_head import output_projection
-    from distil.training.objective import Objective, TermSpec, build_step
+    from distil.training.batches import build_step
+    from distil.training.objective import Objective, TermSpec
+    from distil.training.sources.live import LiveTeacher
 
     width, layers, heads, ffn, vocab = (64, 2, 4, 128, 1000) if small else (768, 12, 12, 3072, 30_522)
     batch, length = (4, 32) if small else (64, 128)
@@ -84,7 +86,8 @@ def distilbert_step(device, small: bool, steps: int) -> dict:
     spec = TermSpec(weights={"ce": 5.0, "mlm": 2.0, "cos": 1.0}, temperature=2.0, objective="mlm",
                     restrict_ce_to_mask=False, layer_pairs=[(max(1, layers // 2), layers)])
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    objective = Objective(spec, teacher, student, (output_projection(student), output_projection(teacher)), autocast)
+    objective = Objective(spec, LiveTeacher(teacher, output_projection(teacher), autocast), student,
+                          output_projection(student), autocast)
     masker = MLMMasker(mask_probabilities(torch.ones(vocab), [0, 1, 2, 3, 4]), 4, [0, 1, 2, 3, 4], vocab)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator(device=device)

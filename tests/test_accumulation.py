@@ -1,7 +1,6 @@
 """Gradient accumulation computes what one big batch computes: every loss term is a mean over the whole
 optimizer step, so accumulation A x batch B equals batch A*B (dropout off), in gradients and in training."""
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ from distil.data.masking import MLMMasker, mask_probabilities
 from distil.metrics_log import read_metrics
 from distil.training.fused_head import output_projection
 from distil.training.loop import train
-from distil.training.objective import Objective, TermSpec, build_step
+from distil.training.batches import build_step
+from distil.training.objective import Objective, TermSpec
+from distil.training.sources.live import LiveTeacher
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2
 from train_fixtures import bert_workspace, write_recipe
 
@@ -29,8 +30,8 @@ def step_gradients(student, teacher, objective_name, weights, micro_batches, fus
         masker = MLMMasker(mask_probabilities(np.ones(VOCAB_SIZE), [0, 1, 2, 3, 4]), 4, [0, 1, 2, 3, 4], VOCAB_SIZE)
     spec = TermSpec(weights=weights, temperature=2.0, objective=objective_name, restrict_ce_to_mask=False,
                     layer_pairs=list(layer_pairs))
-    projections = (output_projection(student), output_projection(teacher)) if fused else None
-    objective = Objective(spec, teacher, student, projections, contextlib.nullcontext)
+    source = LiveTeacher(teacher, output_projection(teacher) if fused else None)
+    objective = Objective(spec, source, student, output_projection(student) if fused else None)
     batches = build_step(seqs, 0, objective_name, masker, torch.Generator().manual_seed(7), 0, 1,
                          torch.device("cpu"), micro_batches=micro_batches)
     student.zero_grad()

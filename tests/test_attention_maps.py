@@ -2,7 +2,6 @@
 probabilities in eval mode, unchanged by dropout in train mode, under any attention implementation), the three
 loss forms against hand-computed values, and MiniLMv2's default relation layer."""
 
-import contextlib
 import copy
 import math
 
@@ -14,7 +13,10 @@ from distil.errors import DistilError
 from distil.losses import attention_map_loss
 from distil.losses.relations import ATTENTION_LOSSES
 from distil.training.attention_capture import captured_attention, default_relation_layers
-from distil.training.objective import Objective, TermSpec, build_step, forward
+from distil.training.batches import build_step
+from distil.training.model_outputs import forward
+from distil.training.objective import Objective, TermSpec
+from distil.training.sources.live import LiveTeacher
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -51,7 +53,7 @@ def spec_for(weights, objective="mlm", **kwargs):
 
 
 def attention_share(spec, teacher, student, batch):
-    objective = Objective(spec, teacher, student, None, contextlib.nullcontext)
+    objective = Objective(spec, LiveTeacher(teacher), student)
     torch.manual_seed(3)
     return objective(student, batch)[1]["attention"].item()
 
@@ -120,8 +122,7 @@ def test_attention_dropout_free_maps_refuse_scores_they_cannot_rebuild():
     teacher, student = tiny_llama(num_layers=2, seed=1), tiny_llama(num_layers=2, seed=2)
     student.model.layers[0].self_attn.q_norm = torch.nn.Identity()
     with pytest.raises(DistilError, match="q_norm.*loss.alpha_relation"):
-        Objective(spec_for({"attention": 1.0}, "clm", layer_pairs=[(1, 1)]), teacher, student, None,
-                  contextlib.nullcontext)
+        Objective(spec_for({"attention": 1.0}, "clm", layer_pairs=[(1, 1)]), LiveTeacher(teacher), student)
 
 
 def test_attention_dropout_free_maps_refuse_batches_longer_than_a_sliding_window():
@@ -210,7 +211,7 @@ def test_relation_layer_default_of_12_and_24_layer_configs(teacher_layers, expec
 
     torch.manual_seed(0)
     teacher, student = bert(teacher_layers), bert(6)
-    objective = Objective(spec_for({"relation": 1.0}), teacher, student, None, contextlib.nullcontext)
+    objective = Objective(spec_for({"relation": 1.0}), LiveTeacher(teacher), student)
     assert objective.spec.relation_pairs == [(6, expected)]
     with captured_attention(teacher, {expected}, set()) as captured, torch.no_grad():
         forward(teacher, batch_of("mlm"), False)

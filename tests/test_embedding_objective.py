@@ -136,7 +136,8 @@ def test_embedding_objective_is_suggested_for_a_headless_teacher(workspace, capl
 # --- clean inputs --------------------------------------------------------------------------------------------
 
 def test_embedding_objective_steps_are_clean_text():
-    from distil.training.objective import build_step, term_spec_from
+    from distil.training.batches import build_step
+    from distil.training.objective import term_spec_from
 
     config = load_config(RECIPES / "sentence-embedding.yaml")
     spec = term_spec_from(config, "embedding", [(1, 1)])

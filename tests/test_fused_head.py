@@ -6,7 +6,11 @@ import torch
 
 from distil.data.masking import MLMMasker, mask_probabilities
 from distil.training.fused_head import output_projection, projection_replaced
-from distil.training.objective import (TermSpec, build_step, compute_terms, forward, fused_logit_terms, step_share,
+from distil.teacher_signal.signals import DenseSignals
+from distil.training.fused_head import teacher_head
+from distil.training.batches import build_step
+from distil.training.model_outputs import forward
+from distil.training.objective import (compute_terms, fused_logit_terms, kd_positions, step_share, TermSpec,
                                        weighted_total)
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta
 
@@ -25,7 +29,9 @@ def plain(spec, batch, student, teacher):
     with torch.no_grad():
         t_logits, t_hidden = forward(teacher, batch, spec.needs_hidden)
     s_logits, s_hidden = forward(student, batch, spec.needs_hidden)
-    shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden))
+    kd = kd_positions(spec, batch)[0]
+    t_logits = t_logits[..., :spec.vocab_limit] if spec.vocab_limit is not None else t_logits
+    shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, DenseSignals(logits=t_logits[kd]), t_hidden))
     return weighted_total(shares, spec.weights), shares
 
 
@@ -36,7 +42,8 @@ def fused(spec, batch, student, teacher):
     shares = {}
 
     def head(states):
-        total, parts = fused_logit_terms(spec, batch, states, t_states, s_proj, t_proj)
+        signals = DenseSignals(states=t_states[kd_positions(spec, batch)[0]], head=teacher_head(t_proj, spec.vocab_limit))
+        total, parts = fused_logit_terms(spec, batch, states, signals, s_proj)
         shares.update(parts)
         return total
 

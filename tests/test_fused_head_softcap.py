@@ -9,7 +9,8 @@ import torch
 from distil.teacher_signal.divergences import DIVERGENCES
 from distil.training.fused_head import (POST_PROCESSING, LogitTransform, logit_transform, output_projection,
                                         projection_replaced, transform_of)
-from distil.training.objective import TermSpec, forward
+from distil.training.model_outputs import forward
+from distil.training.objective import TermSpec
 from test_fused_head import assert_fused_equals_plain, batch_for
 from tiny_models import VOCAB_SIZE, _perturb, tiny_llama
 

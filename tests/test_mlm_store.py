@@ -4,7 +4,6 @@ that same masked input and those labels, so the soft targets are the live teache
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 import numpy as np
@@ -81,8 +80,11 @@ def test_mlm_store_soft_targets_are_the_teachers_on_the_masked_input(mlm_store):
 def _live_and_cached_losses(store_dir, teacher, data, indices, restrict: bool, divergence: str = "forward_kl"):
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    from distil.training.store_run import CachedObjective, CachedTeacher, StoredMasks
-    from distil.training.objective import Objective, TermSpec, build_step
+    from distil.training.sources.live import LiveTeacher
+    from distil.training.sources.store import StoreTeacher
+    from distil.training.store_run import StoredMasks
+    from distil.training.batches import build_step
+    from distil.training.objective import Objective, TermSpec
 
     store = TeacherStore(store_dir)
     live_teacher = AutoModelForMaskedLM.from_pretrained(teacher).eval()
@@ -96,8 +98,8 @@ def _live_and_cached_losses(store_dir, teacher, data, indices, restrict: bool, d
                           torch.device("cpu"), indices=indices)
     spec = TermSpec(weights={"ce": 1.0}, temperature=T, objective="mlm", restrict_ce_to_mask=restrict,
                     layer_pairs=[], divergence=divergence)
-    live = Objective(spec, live_teacher, student, None, contextlib.nullcontext)
-    cached = CachedObjective(spec, CachedTeacher(live_teacher.config, store), student)
+    live = Objective(spec, LiveTeacher(live_teacher), student)
+    cached = Objective(spec, StoreTeacher(store, live_teacher.config), student)
     live_loss, _ = live(student, batch)
     cached_loss, _ = cached(student, batch)
     return batch, live_loss, cached_loss

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from distil.data.masking import MLMMasker, mask_probabilities
-from distil.training.objective import TermSpec, build_step
+from distil.training.batches import build_step
+from distil.training.objective import TermSpec
 
 SEQS = [np.arange(5, 5 + n) for n in (7, 12, 4, 9)]
 
@@ -69,7 +70,8 @@ def test_hidden_pairs_compare_like_with_like_on_pre_norm_decoders(tmp_path, fami
     from transformers import AutoModelForCausalLM
 
     from distil.student import init_student
-    from distil.training.objective import compute_terms, final_norm_of, forward
+    from distil.training.model_outputs import final_norm_of, forward
+    from distil.training.objective import compute_terms
     from train_fixtures import teacher_dir
 
     teacher_path = teacher_dir(tmp_path, family)

@@ -1,7 +1,6 @@
 """On-policy distillation (loss.on_policy_fraction): which steps, what the student writes, what is distilled, and
 that runs stay reproducible (seeded, resumable, lambda = 0 is the teacher-forced run)."""
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -13,7 +12,9 @@ from distil.teacher_signal.divergences import divergence_sum
 from distil.training import on_policy as op
 from distil.training.fused_head import output_projection
 from distil.training.loop import train
-from distil.training.objective import Objective, TermSpec, build_step
+from distil.training.batches import build_step
+from distil.training.objective import Objective, TermSpec
+from distil.training.sources.live import LiveTeacher
 from tiny_models import VOCAB_SIZE, tiny_llama
 from train_fixtures import prepared_data, teacher_dir, train_rows, write_recipe
 
@@ -237,8 +238,9 @@ def test_on_policy_kd_mask_covers_only_generated_tokens():
                   for i in range(len(rows)) for j in range(batch.input_ids.shape[1]) if expected[i, j]) / generated
     spec = TermSpec(weights={"ce": 5.0, "clm": 2.0}, temperature=T, objective="clm", restrict_ce_to_mask=False,
                     layer_pairs=[])
-    for fused in (None, (output_projection(student), output_projection(teacher))):
-        total, shares = Objective(spec, teacher, student, fused, contextlib.nullcontext)(student, batch)
+    for fused in (False, True):
+        source = LiveTeacher(teacher, output_projection(teacher) if fused else None)
+        total, shares = Objective(spec, source, student, output_projection(student) if fused else None)(student, batch)
         assert shares["ce"].item() == pytest.approx(by_hand.item(), rel=1e-5)
         assert shares["clm"].item() == 0.0
         assert total.item() == pytest.approx(5.0 * by_hand.item(), rel=1e-5)

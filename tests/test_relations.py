@@ -1,7 +1,6 @@
 """Self-attention relation (MiniLMv2) and attention-map (TinyBERT) distillation: values against plain
 formulations, invariances, padding, refusals, and students of another width that learn from them."""
 
-import contextlib
 import copy
 import math
 
@@ -12,7 +11,10 @@ import torch
 from distil.errors import DistilError
 from distil.losses import attention_map_loss, relation_kl, relation_loss
 from distil.training.attention_capture import captured_attention, default_relation_layers
-from distil.training.objective import Objective, TermSpec, build_step, forward
+from distil.training.batches import build_step
+from distil.training.model_outputs import forward
+from distil.training.objective import Objective, TermSpec
+from distil.training.sources.live import LiveTeacher
 from tiny_models import VOCAB_SIZE, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -69,7 +71,7 @@ def padded(batch, extra):
 
 
 def objective_terms(spec, teacher, student, batch):
-    objective = Objective(spec, teacher, student, None, contextlib.nullcontext)
+    objective = Objective(spec, LiveTeacher(teacher), student)
     _, shares = objective(student, batch)
     return objective, shares
 
@@ -211,20 +213,17 @@ def test_attention_maps_refuse_mismatched_head_counts():
     narrow = BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, hidden_size=16, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
     with pytest.raises(DistilError, match="student has 2 heads and the teacher 4.*loss.alpha_relation"):
-        Objective(spec_for({"attention": 1.0}, layer_pairs=[(2, 2)]), teacher, narrow, None, contextlib.nullcontext)
+        Objective(spec_for({"attention": 1.0}, layer_pairs=[(2, 2)]), LiveTeacher(teacher), narrow)
 
 
 def test_relation_checks_layers_and_heads_against_the_models():
     teacher, student = tiny_llama(num_layers=4, seed=1), tiny_llama(num_layers=2, seed=2)
     with pytest.raises(DistilError, match=r"loss.relation_layers pair \[3, 4\] is out of range"):
-        Objective(spec_for({"relation": 1.0}, "clm", relation_pairs=[(3, 4)]), teacher, student, None,
-                  contextlib.nullcontext)
+        Objective(spec_for({"relation": 1.0}, "clm", relation_pairs=[(3, 4)]), LiveTeacher(teacher), student)
     with pytest.raises(DistilError, match="relation_heads=3 does not divide.*key/value width 16"):
-        Objective(spec_for({"relation": 1.0}, "clm", relation_heads=3), teacher, student, None,
-                  contextlib.nullcontext)
+        Objective(spec_for({"relation": 1.0}, "clm", relation_heads=3), LiveTeacher(teacher), student)
     with pytest.raises(DistilError, match="no layer pairs"):
-        Objective(spec_for({"attention": 1.0}, "clm", layer_pairs=[(0, 0)]), teacher, student, None,
-                  contextlib.nullcontext)
+        Objective(spec_for({"attention": 1.0}, "clm", layer_pairs=[(0, 0)]), LiveTeacher(teacher), student)
     # Default layer (MiniLMv2): the last against the last, or against layer 21 of a 24-layer teacher.
     assert default_relation_layers(4, 6) == [(4, 6)]
     assert default_relation_layers(6, 12) == [(6, 12)] and default_relation_layers(3, 24) == [(3, 21)]
@@ -236,9 +235,8 @@ def test_relation_term_in_the_fused_head_path_equals_the_plain_path():
     teacher, student = tiny_bert(num_layers=4, seed=1), tiny_bert(num_layers=2, seed=2)
     batch = batch_of("mlm")
     spec = spec_for({"ce": 1.0, "relation": 0.5}, relation_pairs=[(1, 2), (2, 4)])
-    plain = Objective(spec, teacher, student, None, contextlib.nullcontext)
-    fused = Objective(spec, teacher, student, (output_projection(student), output_projection(teacher)),
-                      contextlib.nullcontext)
+    plain = Objective(spec, LiveTeacher(teacher), student)
+    fused = Objective(spec, LiveTeacher(teacher, output_projection(teacher)), student, output_projection(student))
     grads, results = [], []
     for objective in (plain, fused):
         student.zero_grad()

@@ -215,7 +215,10 @@ def test_signal_parity_heldout_reports_the_run_divergence(name):
     """Held-out `kd` is the divergence the run trains (here at T=2 with beta/alpha set), over every real token, by
     the same definition: equal to the float64 formulation, and named by `divergence`."""
     from distil.training.heldout import evaluate_heldout
-    from distil.training.objective import Objective, TermSpec, build_step, forward
+    from distil.training.batches import build_step
+    from distil.training.model_outputs import forward
+    from distil.training.objective import Objective, TermSpec
+    from distil.training.sources.live import LiveTeacher
     from tiny_models import VOCAB_SIZE, tiny_llama
 
     teacher, student = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=2, seed=2)
@@ -225,7 +228,7 @@ def test_signal_parity_heldout_reports_the_run_divergence(name):
     sequences = [rng.integers(5, VOCAB_SIZE, size=n) for n in (9, 14, 6, 11)]
     spec = TermSpec(weights={"ce": 1.0, "clm": 1.0}, temperature=T, objective="clm", restrict_ce_to_mask=False,
                     layer_pairs=[], divergence=name, jsd_beta=BETA, skew_alpha=ALPHA)
-    objective = Objective(spec, teacher, student, None, contextlib.nullcontext)
+    objective = Objective(spec, LiveTeacher(teacher), student)
     result = evaluate_heldout(_OneProcess(), objective, student, sequences, [[0, 1, 2, 3]], None, 0)
     assert result["divergence"] == name
 

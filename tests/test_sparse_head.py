@@ -13,7 +13,8 @@ from distil.teacher_cache.signals import sparse_signals
 from distil.teacher_signal.divergences import DIVERGENCES, Divergence
 from distil.teacher_signal.signals import LOG_FLOOR, SparseSignals as SparseTargets
 from distil.training.fused_head import HeadTerms, LogitTransform, output_projection, student_head_losses
-from distil.training.objective import TermSpec, build_step
+from distil.training.batches import build_step
+from distil.training.objective import TermSpec
 from test_fused_head_softcap import tiny_causal
 from tiny_models import VOCAB_SIZE
 
@@ -30,8 +31,10 @@ def _targets(logits, k, T, sampled=0, seed=0) -> SparseTargets:
 class _RowsStore:
     """Stands for a teacher-signal store: the targets of a batch's real positions, in row-major order."""
 
-    def __init__(self, targets: SparseTargets):
+    def __init__(self, targets: SparseTargets, temperature: float = 2.0):
         self.all = targets
+        self.temperature, self.hidden_states, self.k = temperature, None, targets.top_ids.shape[1]
+        self.sampled = targets.sample_ids.shape[1] if targets.sampled else 0
 
     def targets(self, sequences, counts, want_hidden=False, device=None) -> SparseTargets:
         assert sum(counts) == self.all.top_ids.shape[0]
@@ -58,7 +61,8 @@ def _objective_terms(student, objective, batch):
 def test_sparse_transform_store_head_equals_plain_for_every_divergence(student_kind, divergence):
     """Training from a store: the sparse fused head gives the values and gradients of the plain path, which uses
     the model's own (transformed) logits, for every divergence and every kind of transform."""
-    from distil.training.store_run import CachedObjective, CachedTeacher
+    from distil.training.objective import Objective
+    from distil.training.sources.store import StoreTeacher
 
     settings = dict(STUDENTS[student_kind])
     student = tiny_causal(settings.pop("model_type"), 2, 3, **settings)
@@ -73,12 +77,12 @@ def test_sparse_transform_store_head_equals_plain_for_every_divergence(student_k
     store = _RowsStore(_targets(teacher_logits, 8, 2.0, sampled))
     spec = TermSpec(weights={"ce": 5.0, "clm": 2.0}, temperature=2.0, objective="clm", restrict_ce_to_mask=False,
                     layer_pairs=[], divergence=divergence.removesuffix("_sampled"))
-    teacher = CachedTeacher(student.config, store)
+    teacher = StoreTeacher(store, student.config)
     projection = output_projection(student)
     assert projection is not None
 
-    plain = _objective_terms(student, CachedObjective(spec, teacher, student, fused=None), batch)
-    fused = _objective_terms(student, CachedObjective(spec, teacher, student, fused=(projection, None)), batch)
+    plain = _objective_terms(student, Objective(spec, teacher, student), batch)
+    fused = _objective_terms(student, Objective(spec, teacher, student, projection), batch)
     assert fused[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
     assert fused[1].keys() == plain[1].keys() == {"ce", "clm"}
     for name in plain[1]:

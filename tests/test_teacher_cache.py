@@ -341,7 +341,7 @@ def test_teacher_cache_training_runs_without_a_teacher_and_loss_goes_down(traine
 
 
 def test_teacher_cache_batches_know_their_sequences():
-    from distil.training.objective import build_step
+    from distil.training.batches import build_step
 
     seqs = [np.arange(3 + i) for i in range(8)]
     indices = [40, 41, 7, 3, 99, 5, 6, 12]

@@ -53,6 +53,7 @@ def test_trained_student_reloads_with_the_same_outputs(workspace):
     from distil.data.dataset import TokenSequences, pad_id_of
     from distil.training.heldout import evaluate_heldout, heldout_batches
     from distil.training.objective import Objective, term_spec_from
+    from distil.training.sources.live import LiveTeacher
     from distil.data.masking import build_masker
     from distil.training.accelerator import make_accelerator
     from distil.training.models import layer_pairs, load_models
@@ -64,9 +65,9 @@ def test_trained_student_reloads_with_the_same_outputs(workspace):
     acc = make_accelerator(config)
     models = load_models(config, config.student.path, acc.device)
     heldout = TokenSequences(config.data.path, "heldout")
-    pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
-    objective = Objective(term_spec_from(config, models.objective, pairs), models.teacher, models.student, None,
-                          acc.autocast)
+    pairs = layer_pairs(config, models.student.config, models.teacher_config, models.init_record)
+    objective = Objective(term_spec_from(config, models.objective, pairs), LiveTeacher(models.teacher_models[0]),
+                          models.student, None, acc.autocast)
     masker = build_masker(config, config.data.path, heldout.manifest, 96, models.tokenizer)
     batches = heldout_batches(heldout, config.data.batch_size, config.run.eval_batches)
     again = evaluate_heldout(acc, objective, models.student_trained, heldout, batches, masker,
@@ -317,6 +318,7 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
     from distil.data.dataset import TokenSequences, pad_id_of
     from distil.training.heldout import evaluate_heldout, heldout_batches
     from distil.training.objective import Objective, term_spec_from
+    from distil.training.sources.live import LiveTeacher
     from distil.training.accelerator import make_accelerator
     from distil.training.models import layer_pairs, load_models
     from distil.training.student_source import student_source
@@ -329,9 +331,9 @@ def test_heldout_means_are_over_tokens_whatever_the_batch_size(workspace):
     acc = make_accelerator(config)
     models = load_models(config, student_source(config, workspace / "run-heldout-means", True, lambda: None)[0],
                          acc.device)
-    pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
-    objective = Objective(term_spec_from(config, models.objective, pairs), models.teacher, models.student, None,
-                          acc.autocast)
+    pairs = layer_pairs(config, models.student.config, models.teacher_config, models.init_record)
+    objective = Objective(term_spec_from(config, models.objective, pairs), LiveTeacher(models.teacher_models[0]),
+                          models.student, None, acc.autocast)
     heldout = TokenSequences(data, "heldout")
     count = len(heldout)
     results = [evaluate_heldout(acc, objective, models.student_trained, heldout, heldout_batches(heldout, size, 100),

@@ -58,6 +58,8 @@ class LossConfig:
     alpha_cos: float = 0.0              # cosine distance between hidden states (see hidden_layers)
     alpha_hidden_mse: float = 0.0       # MSE between hidden states (see hidden_layers)
     hidden_layers: Any = "mapped"       # "last" | "mapped" | [[student_layer, teacher_layer], ...] (0 = embeddings)
+    hidden_teacher: Any = None          # with several teachers: the one (name or index) whose hidden states and
+                                        # self-attention the representation terms compare with
     alpha_relation: float = 0.0         # MiniLMv2 self-attention relations (Q-Q, K-K, V-V KL); widths may differ
     relation_layers: Any = None         # [student_layer, teacher_layer] (1-based blocks); None: MiniLMv2's choice,
                                         # student's last vs the teacher's last (base-size), or its layer
@@ -138,6 +140,10 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers, mixed per position in probability space (training.sources.mixture): each a mapping of
+    # path and/or cache, weight (default 1), temperature (default loss.temperature) and name (default its place,
+    # 0, 1, ...). teacher.dtype, teacher.tokenizer and teacher.fsdp apply to each; teacher.path / cache stay unset.
+    teachers: list = field(default_factory=list)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -331,6 +337,43 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     return config
 
 
+TEACHER_KEYS = ("path", "cache", "weight", "temperature", "name")
+
+
+def _check_teachers(config: TrainConfig) -> None:
+    """`teachers:` is a list of mappings, each naming a model or a store, with a weight >= 0 (some > 0) and a
+    positive temperature or none."""
+    if not isinstance(config.teachers, list):
+        raise DistilError(f"Recipe key teachers must be a list of teachers, got {config.teachers!r}.")
+    if config.teacher.path or config.teacher.cache:
+        raise DistilError("The recipe sets both teacher.path / teacher.cache and teachers. Name one teacher under "
+                          "teacher:, or every teacher under teachers: (teacher: then keeps dtype, tokenizer, fsdp).")
+    for index, entry in enumerate(config.teachers):
+        if not isinstance(entry, dict) or not (entry.get("path") or entry.get("cache")):
+            raise DistilError(f"teachers[{index}] must be a mapping with a path (a model) or a cache (a teacher-signal "
+                              f"store), got {entry!r}.")
+        unknown = sorted(set(entry) - set(TEACHER_KEYS))
+        if unknown:
+            raise DistilError(f"Unknown key {unknown[0]!r} in teachers[{index}]; a teacher takes "
+                              f"{', '.join(TEACHER_KEYS)}.")
+        weight, temperature = entry.get("weight", 1.0), entry.get("temperature")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise DistilError(f"teachers[{index}].weight must be a number >= 0, got {weight!r}.")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or temperature <= 0):
+            raise DistilError(f"teachers[{index}].temperature must be a positive number or null (the run's "
+                              f"loss.temperature), got {temperature!r}.")
+    if config.student.layers or config.student.num_layers:
+        raise DistilError("student.layers / student.num_layers build the student from one teacher's layers, and the "
+                          "recipe has several teachers. Build it once with distil init-student from the teacher of "
+                          "your choice and set student.path.")
+    if sum(float(e.get("weight", 1.0)) for e in config.teachers) <= 0:
+        raise DistilError("Every teacher in teachers has weight 0. Give at least one a positive weight.")
+    names = [str(e.get("name", i)) for i, e in enumerate(config.teachers)]
+    if len(set(names)) < len(names):
+        raise DistilError(f"Two teachers share a name ({', '.join(names)}). Give each its own name.")
+
+
 def _check_type(section, name: str, kinds: tuple, where: str) -> None:
     value = getattr(section, name)
     if value == "None" and type(None) in kinds:  # `max_length: None` in a recipe means null, as on the command line
@@ -415,7 +458,9 @@ def validate(config: TrainConfig) -> None:
             if annotation.startswith(("float", "list[float]")):
                 _check_float_values(section, f, section_name)
 
-    if not config.teacher.path and not config.teacher.cache:
+    if config.teachers:
+        _check_teachers(config)
+    elif not config.teacher.path and not config.teacher.cache:
         raise DistilError("The recipe names no teacher. Set teacher.path (a hub id such as bert-base-uncased, or a directory).")
     if not config.data.path:
         raise DistilError("The recipe names no data. Set data.path to a directory written by `distil prepare`.")

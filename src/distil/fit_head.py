@@ -28,7 +28,7 @@ EVAL_SEED = 12345
 
 def _masked_accuracy(model, heldout: TokenSequences, masker, pad_id: int, batch_size: int, max_batches: int) -> dict:
     """Masked-LM loss and accuracy on fixed held-out batches with fixed masks."""
-    from distil.training.objective import build_step
+    from distil.training.batches import build_step
 
     model.eval()
     generator = torch.Generator()
@@ -88,7 +88,7 @@ def fit_head(teacher: str, data: str, output_dir: str, steps: int = 300, lr: flo
     before = _masked_accuracy(model, heldout, masker, pad_id, batch_size, eval_batches)
     log.info("fit-head: held-out masked-token accuracy with the fresh head %.2f%%", 100 * before["masked_accuracy"])
 
-    from distil.training.objective import build_step
+    from distil.training.batches import build_step
 
     torch.manual_seed(seed)
     # Tied decoders share the word embeddings, which stay frozen: only the head's own parameters are trained.

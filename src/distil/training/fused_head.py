@@ -24,7 +24,8 @@ from distil.teacher_signal.engine import CHUNK_ROWS, HeadGradients, HeadTerms, o
 from distil.teacher_signal.signals import DenseSignals, Signals, TeacherHead
 
 __all__ = ["CHUNK_ROWS", "HeadGradients", "HeadTerms", "LogitTransform", "POST_PROCESSING", "fused_head_losses",
-           "logit_transform", "output_projection", "projection_replaced", "student_head_losses", "transform_of"]
+           "logit_transform", "output_projection", "projection_replaced", "student_head_losses", "teacher_head",
+           "transform_of"]
 
 # model_type -> (where the model reads its setting: "config" or "model" (an attribute of the LM module itself),
 # the attribute, what it does, the value under which the model leaves its logits as they are). Read from the
@@ -90,6 +91,16 @@ def _full(tensor):
     return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") else tensor
 
 
+def teacher_head(projection: torch.nn.Module, vocab_limit: int | None = None,
+                 transform: LogitTransform | None | bool = False) -> TeacherHead:
+    """A live teacher's output layer as the engine projects it: its weight and bias (gathered when sharded), their
+    first `vocab_limit` rows, and its logit transform (by default the one output_projection recorded)."""
+    keep = slice(None) if vocab_limit is None else slice(0, vocab_limit)
+    bias = _full(projection.bias)
+    return TeacherHead(_full(projection.weight)[keep], bias[keep] if bias is not None else None,
+                       transform_of(projection) if transform is False else transform)
+
+
 def student_head_losses(hidden, projection, kd_rows, labels, signals: Signals | None, terms: HeadTerms,
                         chunk: int = CHUNK_ROWS, vocab_limit: int | None = None,
                         transform: LogitTransform | None = None):
@@ -119,13 +130,10 @@ def fused_head_losses(hidden, projection, teacher_hidden, teacher_projection, kd
     """
     if transforms is None:
         transforms = (transform_of(projection), transform_of(teacher_projection))
-    keep = slice(None) if vocab_limit is None else slice(0, vocab_limit)
     signals = None
     if teacher_projection is not None and teacher_hidden is not None:
-        t_weight = _full(teacher_projection.weight)[keep]
-        t_bias = _full(teacher_projection.bias)
-        t_bias = t_bias[keep] if t_bias is not None else None
-        signals = DenseSignals(states=teacher_hidden[kd_rows], head=TeacherHead(t_weight, t_bias, transforms[1]))
+        signals = DenseSignals(states=teacher_hidden[kd_rows],
+                               head=teacher_head(teacher_projection, vocab_limit, transforms[1]))
     return student_head_losses(hidden, projection, kd_rows, labels, signals, terms, chunk, vocab_limit,
                                transforms[0])
 

@@ -30,14 +30,16 @@ from distil.outputs import check_writable, output_lock
 from distil.training import checkpoint as ckpt
 from distil.training.heldout import evaluate_heldout, heldout_batches
 from distil.training.on_policy import OnPolicy
-from distil.training.store_run import load_models_from_cache, objective_for, stored_masks_of
-from distil.training.objective import build_step, term_spec_from
+from distil.training.batches import build_step
+from distil.training.objective import Objective, term_spec_from
+from distil.training.sources.setup import source_from_config, teacher_stores
+from distil.training.store_run import stored_masks_of
 from distil.training.parallel import fsdp_requested, held_megabytes, make_parallel
 from distil.training.projections import add_projections
 from distil.training.recipe_changes import check_resume_recipe, check_resume_schedule
 from distil.training.run_dir import FINAL_STUDENT, prepare_run_dir, save_student, start_run_dir
 from distil.training.accelerator import make_accelerator, seed_everything
-from distil.training.models import check_positions, freeze_embeddings, fused_projections, layer_pairs, load_models
+from distil.training.models import check_positions, freeze_embeddings, layer_pairs, load_models, student_projection
 from distil.training.optimisation import build_optimizer, build_scheduler, schedule_shape
 from distil.training.student_source import discarded_on_error, student_source
 
@@ -113,21 +115,20 @@ def _train(config: TrainConfig, acc) -> dict:
 
     student_dir, student_init = student_source(config, run_dir, is_main, acc.wait_for_everyone)
     with discarded_on_error(student_init if is_main else None):
-        load = load_models_from_cache if config.teacher.cache else load_models  # a store stands in for the teacher
-        models = load(config, student_dir, device)
+        models = load_models(config, student_dir, device)
         check_positions(models, max(int(train_data.lengths.max()), int(heldout.lengths.max()) if heldout else 0),
                         config)
-        pairs = layer_pairs(config, models.student.config, models.teacher.config, models.init_record)
+        pairs = layer_pairs(config, models.student.config, models.teacher_config, models.init_record)
         spec = term_spec_from(config, models.objective, pairs, models.vocab_limit, models.sentence_pooling)
+        source = source_from_config(config, models, spec, acc.autocast, train_data.lengths)  # models, stores, mixture
         add_projections(config, models, spec)  # learned width maps for the hidden terms, when widths differ
         vocab_size = models.student.get_input_embeddings().num_embeddings
         masker = build_masker(config, config.data.path, manifest, vocab_size, models.tokenizer) \
             if spec.needs_masking else None
         # On-policy steps (loss.on_policy_fraction): the student writes the step's text (training/on_policy.py).
         policy = OnPolicy.from_config(config, models, spec, pad_id, device, rank, world, accum, acc.autocast)
-    stored_masks = stored_masks_of(models)  # an MLM teacher's store: each sequence's masks are the ones it scored
-    objective = objective_for(models)(spec, models.teacher, models.student, fused_projections(config, models, spec),
-                                      acc.autocast)
+    stored_masks = stored_masks_of(teacher_stores(models), models.objective)  # each sequence's masks: the store's
+    objective = Objective(spec, source, models.student, student_projection(config, models, spec), acc.autocast)
     frozen = freeze_embeddings(models.student, config.run.freeze_position_embeddings,
                                config.run.freeze_token_type_embeddings)
 
@@ -154,7 +155,7 @@ def _train(config: TrainConfig, acc) -> dict:
     metrics = MetricsLog(run_dir, acc, is_main, resume_step=step, project=config.name or run_dir.name,
                          hparams=config.to_dict())
     if is_main and step == 0:
-        _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec)
+        _log_start(config, models, source, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec)
         policy.log_start()
     generator = torch.Generator(device=device)
     batches = iter(sampler)
@@ -274,26 +275,19 @@ def _train(config: TrainConfig, acc) -> dict:
 
 def _oom_message(config: TrainConfig, models, step: int) -> str:
     return (
-        f"Out of memory at step {step + 1} with data.batch_size={config.data.batch_size} (teacher "
-        f"{config.teacher.path}, {sum(p.numel() for p in models.teacher.parameters()) / 1e6:.0f}M parameters; student "
+        f"Out of memory at step {step + 1} with data.batch_size={config.data.batch_size} (teachers "
+        f"{sum(p.numel() for t in models.teacher_models for p in t.parameters()) / 1e6:.0f}M parameters; student "
         f"{sum(p.numel() for p in models.student.parameters()) / 1e6:.0f}M). Try data.batch_size="
         f"{max(1, config.data.batch_size // 2)} with optim.gradient_accumulation={config.accumulation_steps(1) * 2} "
         "(same effective batch), run.mixed_precision=bf16 with teacher.dtype=bfloat16, or data.max_length=256."
     )
 
 
-def _log_start(config, models, train_data, total_steps, global_batch, accum, world, frozen, pairs, spec) -> None:
+def _log_start(config, models, source, train_data, total_steps, global_batch, accum, world, frozen, pairs,
+               spec) -> None:
     n_student = sum(p.numel() for p in models.student.parameters())
-    if config.teacher.cache:  # no teacher model: its signals come from a store
-        m = models.teacher.store.manifest
-        log.info("teacher: signals read from the store %s (top-%d%s at temperature %g; no teacher model loaded)",
-                 config.teacher.cache, m["k"], f" + {m['sampled']} sampled" if m.get("sampled") else "",
-                 m["temperature"])
-        n_teacher = 0
-    else:
-        n_teacher = sum(p.numel() for p in models.teacher.parameters())
-        log.info("teacher %s: %.1fM parameters%s", config.teacher.path, n_teacher / 1e6,
-                 "" if models.teacher_has_head else " (no LM head: hidden-state losses only)")
+    n_teacher = sum(p.numel() for t in models.teacher_models for p in t.parameters())
+    log.info("%s", source.describe())
     log.info("student: %.1fM parameters%s", n_student / 1e6,
              f" ({100 * n_student / n_teacher:.0f}% of the teacher)" if n_teacher else "")
     log.info("objective: %s; data: %d sequences; %d processes x batch %d x accumulation %d = %d sequences per step "

@@ -16,19 +16,20 @@ import torch
 from distil.checks import check_data_matches_tokenizer, check_vocabularies
 from distil.config import TrainConfig
 from distil.errors import DistilError
-from distil.loading import load_config, load_model, load_tokenizer
-from distil.model_kinds import auto_class, head_missing, learned_position_limit, resolve_objective
+from distil.loading import load_config, load_model, vocab_size_of
+from distil.model_kinds import auto_class, learned_position_limit, resolve_objective
 from distil.sentence_embeddings import resolve_pooling, teacher_pooling
 from distil.training.attention_capture import check_attention_terms
 from distil.training.fused_head import output_projection
+from distil.training.sources.setup import hidden_teacher_index, load_teachers, teacher_configs, teacher_entries
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Models:
-    teacher: torch.nn.Module          # what the loop calls: the full LM, or its base when no logits are needed
-    teacher_has_head: bool
+    teachers: list                    # training.sources.setup.LoadedTeacher: each a model (called) or a store
+    teacher_config: object            # the configuration of the teacher the hidden-state terms compare with
     student: torch.nn.Module          # the full student (what gets saved)
     student_trained: torch.nn.Module  # what the loop calls and optimises: `student` or its base
     tokenizer: object
@@ -37,6 +38,11 @@ class Models:
     objective: str                    # mlm | clm | embedding, resolved from loss.objective and the teacher
     vocab_limit: int | None = None    # output layers padded differently: logit losses on the first vocab_limit ids
     sentence_pooling: object = None   # SentencePooling: of the sentence terms, or the teacher's own (a
+
+    @property
+    def teacher_models(self) -> list[torch.nn.Module]:
+        """The teacher models run in process (none when every teacher is a store)."""
+        return [t.model for t in self.teachers if t.model is not None]
 
 
 def resolve_teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -49,40 +55,22 @@ def resolve_teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dt
 
 
 def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> Models:
-    """Load teacher and student, run the start-up checks, and place both on `device` (a run from a teacher-signal
-    store loads with training.store_run.load_models_from_cache instead)."""
+    """Load the teachers (models or stores, training.sources.setup) and the student, run the start-up checks, and
+    place both on `device`."""
     loss = config.loss
     wants_logits = any(getattr(loss, k) > 0 for k in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse"))
     wants_sentence = loss.alpha_sentence_mse > 0 or loss.alpha_sentence_cos > 0
     wants_teacher_logits = loss.alpha_ce > 0 or loss.alpha_mse > 0
 
-    teacher_config = load_config(config.teacher.path)
-    objective = resolve_objective(config, teacher_config)
-    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.path)
-    teacher_dtype = resolve_teacher_dtype(config, device)
-    log.info("Loading teacher %s (%s)", config.teacher.path, teacher_dtype)
-    teacher, info = load_model(config.teacher.path, auto_class(objective), dtype=teacher_dtype)
-    # An embedding run loads the base model: no head is built, none is asked for.
-    has_head = objective != "embedding" and not head_missing(info)
-    if wants_teacher_logits and not has_head:
-        encoder_hint = (" A sentence encoder (such as a sentence-transformers model) is distilled with "
-                        "loss.objective=embedding: no LM head is built or saved, and the student is written as a "
-                        "sentence-transformers model.") if objective == "mlm" else ""
-        raise DistilError(
-            f"The teacher {config.teacher.path} has no {'MLM' if objective == 'mlm' else 'LM'} head (its checkpoint holds "
-            "only the encoder), so soft-target and logit losses would distil a random head. Set loss.alpha_ce and "
-            "loss.alpha_mse to 0 and use hidden-state losses (loss.alpha_cos, loss.alpha_hidden_mse), or fit a head "
-            f"first.{encoder_hint}"
-        )
-    if not has_head and not wants_logits and objective == "mlm":
-        log.warning("The teacher %s has no MLM head and the recipe has no logit terms: the student is trained from "
-                    "hidden states and saved with an MLM head that is never trained. For a sentence encoder, "
-                    "loss.objective=embedding builds and saves no head and writes a sentence-transformers student.",
-                    config.teacher.path)
-    teacher.eval().requires_grad_(False)
+    hidden = hidden_teacher_index(config, teacher_entries(config))
+    objective = resolve_objective(config, teacher_configs(config)[hidden])
     # Under FSDP the models are sharded on the host and only each process's shards go to the device.
     placement = torch.device("cpu") if config.run.fsdp else device
-    teacher.to(placement)
+    teachers = load_teachers(config, objective, wants_teacher_logits, placement,
+                             resolve_teacher_dtype(config, device))
+    reference = teachers[hidden]
+    teacher_source_dir = reference.entry.path or str(reference.store.teacher_dir)
+    tokenizer = reference.tokenizer
 
     student_cfg = student_config(config, student_dir)
     original_dropout = override_dropout(student_cfg, config.run.dropout)
@@ -101,23 +89,27 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 
-    vocab_limit = check_vocabularies(teacher.config, student.config, tokenizer, config,
+    vocab_limit = check_vocabularies(reference.config, student.config, tokenizer, config,
                                      None if config.student.config else student_dir)
+    stored_vocab = min((int(t.store.manifest["vocab_size"]) for t in teachers if t.store is not None), default=None)
+    if vocab_limit is None and stored_vocab is not None and stored_vocab < vocab_size_of(student.config):
+        vocab_limit = stored_vocab  # the teacher's padding rows were left out when caching
     # An embedding student is always written as a sentence-transformers model: it pools as the recipe says (auto:
     # as the teacher's own config, else mean).
-    sentence_pooling = resolve_pooling(loss, config.teacher.path) if wants_sentence or objective == "embedding" \
-        else teacher_pooling(config.teacher.path)
+    sentence_pooling = resolve_pooling(loss, teacher_source_dir) if wants_sentence or objective == "embedding" \
+        else teacher_pooling(teacher_source_dir)
     if wants_sentence:
         log.info("sentence embeddings: %s pooling%s, from %s", sentence_pooling.mode,
                  ", L2-normalised" if sentence_pooling.normalize else "", sentence_pooling.source)
-    check_attention_terms(teacher, student, config.loss)
-    check_data_matches_tokenizer(config.data.path, tokenizer, teacher.config)
+    if reference.model is not None:
+        check_attention_terms(reference.model, student, config.loss)
+    check_data_matches_tokenizer(config.data.path, tokenizer, reference.config)
 
-    teacher_called = teacher if (wants_teacher_logits and has_head) else teacher.base_model
     student_trained = student if wants_logits else student.base_model
-    return Models(teacher=teacher_called, teacher_has_head=has_head, student=student, student_trained=student_trained,
-                  tokenizer=tokenizer, init_record=init_record, original_dropout=original_dropout, objective=objective,
-                  vocab_limit=vocab_limit, sentence_pooling=sentence_pooling)
+    return Models(teachers=teachers, teacher_config=reference.config, student=student,
+                  student_trained=student_trained, tokenizer=tokenizer, init_record=init_record,
+                  original_dropout=original_dropout, objective=objective, vocab_limit=vocab_limit,
+                  sentence_pooling=sentence_pooling)
 
 
 def student_config(config: TrainConfig, student_dir: str):
@@ -153,7 +145,7 @@ def override_dropout(model_config, value: float | None) -> dict:
 
 def check_positions(models: Models, longest: int, config: TrainConfig) -> None:
     """Sequences longer than a model's position table fail inside the first forward; say so before it."""
-    for who, model in (("teacher", models.teacher), ("student", models.student)):
+    for who, model in [("teacher", t) for t in models.teacher_models] + [("student", models.student)]:
         limit = learned_position_limit(model)
         if limit is not None and longest > limit:
             raise DistilError(
@@ -205,14 +197,11 @@ def freeze_embeddings(student: torch.nn.Module, positions: bool, token_types: bo
     return frozen
 
 
-def fused_projections(config: TrainConfig, models, spec) -> tuple | None:
-    """(student projection, teacher projection or None) when the fused head can replace the output layers."""
+def student_projection(config: TrainConfig, models, spec) -> torch.nn.Module | None:
+    """The student's output layer when the output-layer engine can stand in for it (run.fused_head), else None."""
     if not (config.run.fused_head and spec.needs_logits):
         return None
-    s_proj = output_projection(models.student)
-    teacher_head = spec.needs_teacher_logits and not config.teacher.cache  # a store holds the teacher's output
-    t_proj = output_projection(models.teacher) if teacher_head else None
-    if s_proj is None or (teacher_head and t_proj is None):
-        log.info("The output layer is not a plain linear projection; using the unfused logit losses.")
-        return None
-    return s_proj, t_proj
+    projection = output_projection(models.student)
+    if projection is None:
+        log.info("The student's output layer is not a plain linear projection; using the unfused logit losses.")
+    return projection

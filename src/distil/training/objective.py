@@ -1,4 +1,5 @@
-"""What one optimizer step computes: its batches with their targets, both forwards, and the weighted loss terms.
+"""What one micro-batch computes: the teacher's signals from its source, the student's forward, and the weighted
+loss terms, as this micro-batch's share of the optimizer step's mean. (The batches themselves: training.batches.)
 
 Normalisation: every term is a mean over the whole optimizer step, all micro-batches of all processes. The
 sampler hands out one *step batch* (processes x accumulation x batch sequences), its MLM targets are drawn once,
@@ -14,96 +15,24 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from distil import losses
-from distil.data.dataset import pad_batch
-from distil.data.masking import MLMMasker, causal_lm_labels
+from distil.sentence_embeddings import embed as sentence_embedding
+from distil.teacher_signal.divergences import Divergence
+from distil.teacher_signal.signals import Signals
 from distil.training.attention_capture import (Captured, captured_attention, check_attention_terms_of_spec,
                                                default_relation_layers, head_count, recipe_pairs)
-from distil.sentence_embeddings import embed as sentence_embedding
-from distil.training.fused_head import HeadTerms, fused_head_losses, projection_replaced
-from distil.training.on_policy import generated_targets
+from distil.training.batches import Batch
+from distil.training.fused_head import HeadTerms, projection_replaced, student_head_losses
+from distil.training.model_outputs import HiddenStates, final_norm_of, forward
 from distil.training.projections import SENTENCE_KEY, pair_key, projections_of
+from distil.training.sources.interface import TeacherOutputs, TeacherRequest, TeacherSource
 
 LOGIT_TERMS = ("ce", "mlm", "clm", "mse")
 HIDDEN_TERMS = ("cos", "hidden_mse")
 SENTENCE_TERMS = ("sentence_mse", "sentence_cos")  # on pooled sentence embeddings (see distil.sentence_embeddings)
 ATTENTION_TERMS = ("relation", "attention")  # on self-attention, captured by hooks (see attention_capture)
-# Attributes under which `transformers` base models keep the norm applied after their last block.
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor          # this process's rows of one micro-batch, on the training device
-    attention_mask: torch.Tensor
-    labels: torch.Tensor             # MLM targets / causal labels (-100 elsewhere)
-    local_tokens: int                # real tokens in these rows
-    local_targets: int               # MLM targets (MLM) or predicted positions (CLM) in these rows
-    step_tokens: int                 # real tokens in the whole optimizer step (every micro-batch, every process)
-    step_targets: int                # MLM targets or predicted positions in the whole optimizer step
-    local_rows: int = 0              # sequences in these rows (sentence-embedding terms are means over sequences)
-    step_rows: int = 0               # sequences in the whole optimizer step
-    sequence_ids: torch.Tensor | None = None  # each row's index in the prepared split (when build_step is told)
-    kd_mask: torch.Tensor | None = None  # on-policy rows (training.on_policy): the soft-target positions, those that
-                                         # produced the student's own tokens (counted as the targets); None: all real
-
-
-def _targets(ids: torch.Tensor, mask: torch.Tensor, objective: str, masker: MLMMasker | None,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, labels, target mask): MLM-corrupted ids and targets, or causal next-token labels."""
-    if objective == "mlm" and masker is not None:
-        ids, labels = masker(ids, mask, generator=generator)
-        return ids, labels, labels != -100
-    if objective in ("mlm", "embedding"):
-        # Hidden-state losses alone (always so for embedding): the student learns the teacher's states on clean
-        # text, as it will see it.
-        return ids, torch.full_like(ids, -100), torch.zeros_like(mask, dtype=torch.bool)
-    labels = causal_lm_labels(ids, mask)
-    target_mask = torch.zeros_like(mask, dtype=torch.bool)
-    target_mask[:, 1:] = labels[:, 1:] != -100
-    return ids, labels, target_mask
-
-
-def build_step(sequences: list[np.ndarray], pad_id: int, objective: str, masker: MLMMasker | None,
-               generator: torch.Generator | None, rank: int, world_size: int, device: torch.device,
-               micro_batches: int = 1, indices: list[int] | None = None) -> list[Batch]:
-    """Split one step batch into `micro_batches` consecutive micro-batches and keep this process's rows of each.
-
-    Targets are drawn over the whole step batch (identically on every process), so how the step is split
-    between processes and accumulation steps changes nothing that is computed. A process may get no rows of a
-    small final held-out batch: its Batch then has zero rows. `indices`: the sequences' indices in the prepared
-    split, kept per row as Batch.sequence_ids (a teacher-signal store is read by them).
-    """
-    if len(sequences) % micro_batches:
-        raise ValueError(f"{len(sequences)} sequences do not split into {micro_batches} equal micro-batches")
-    ids, mask = pad_batch(sequences, pad_id)
-    ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-    ids, labels, target_mask = _targets(ids, mask, objective, masker, generator)
-    labels, target_mask, kd_mask = generated_targets(sequences, labels, target_mask, mask)  # on-policy rows only
-    per_micro = len(sequences) // micro_batches
-    rows = [torch.arange(m * per_micro + rank, (m + 1) * per_micro, world_size, device=device)
-            for m in range(micro_batches)]
-    tokens, targets = mask.sum(dim=1), target_mask.sum(dim=1)
-    # One host transfer for every count of the step.
-    counts = torch.stack([tokens.sum(), targets.sum()]
-                         + [t for r in rows for t in (tokens[r].sum(), targets[r].sum(),
-                                                      tokens[r].max() if len(r) else tokens.new_zeros(()))]).tolist()
-    step_tokens, step_targets = int(counts[0]), int(counts[1])
-    batches = []
-    for m, r in enumerate(rows):
-        local_tokens, local_targets, width = (int(c) for c in counts[2 + 3 * m: 5 + 3 * m])
-        # Trim columns that are padding in every local row.
-        batches.append(Batch(input_ids=ids[r, :width], attention_mask=mask[r, :width], labels=labels[r, :width],
-                             local_tokens=local_tokens, local_targets=local_targets,
-                             step_tokens=step_tokens, step_targets=step_targets,
-                             local_rows=len(r), step_rows=len(sequences),
-                             sequence_ids=torch.as_tensor(indices)[r.cpu()] if indices is not None else None,
-                             kd_mask=kd_mask[r, :width] if kd_mask is not None else None))
-    return batches
-
 
 @dataclass
 class TermSpec:
@@ -181,11 +110,13 @@ def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], v
                     attention_loss=loss.attention_loss, pooling=pooling)
 
 
-def with_attention_defaults(spec: TermSpec, student: torch.nn.Module, teacher: torch.nn.Module) -> TermSpec:
+def with_attention_defaults(spec: TermSpec, student: torch.nn.Module, teacher: torch.nn.Module | None) -> TermSpec:
     """The spec with the self-attention settings left to the models filled in (default relation layer, the
     teacher's head count, the hidden-layer mapping for attention maps), checked against both models."""
     if not (spec.needs_relations or spec.needs_attention_maps):
         return spec
+    if teacher is None:
+        raise ValueError("self-attention terms need a teacher model run in process")
     n_s, n_t = int(student.config.num_hidden_layers), int(teacher.config.num_hidden_layers)
     resolved = dataclasses.replace(
         spec,
@@ -196,88 +127,39 @@ def with_attention_defaults(spec: TermSpec, student: torch.nn.Module, teacher: t
     return resolved
 
 
-@dataclass
-class HiddenStates:
-    """A model's hidden states, like with like: `blocks[i]` is the output of block i (0: the embeddings), before
-    any final norm; `final` is what the output layer sees (the last block's output after the final norm of
-    pre-norm decoders such as GPT-2 and Llama; the same tensor as blocks[-1] for BERT-style encoders)."""
-
-    blocks: tuple[torch.Tensor, ...]
-    final: torch.Tensor
-
-    def pair_with(self, other: "HiddenStates", index: int, other_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two states a hidden loss compares: last against last is final against final (the seed's
-        DistilGPT2 term); any other pair compares block outputs, so a normed state never meets a raw one."""
-        if index == len(self.blocks) - 1 and other_index == len(other.blocks) - 1:
-            return self.final, other.final
-        return self.blocks[index], other.blocks[other_index]
+def kd_positions(spec: TermSpec, batch: Batch) -> tuple[torch.Tensor, int, int]:
+    """(the (B, L) positions the soft-target and logit-MSE terms count, their count in these rows, in the step):
+    every real position, the MLM targets (loss.restrict_ce_to_mask), or an on-policy row's generated tokens."""
+    if batch.kd_mask is not None:  # on-policy rows: soft targets on the student's own tokens only
+        return batch.kd_mask, batch.local_targets, batch.step_targets
+    if spec.restrict_ce_to_mask:
+        return batch.labels != -100, batch.local_targets, batch.step_targets
+    return batch.attention_mask.bool(), batch.local_tokens, batch.step_tokens
 
 
-def final_norm_of(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm a pre-norm decoder applies after its last block, or None (post-norm encoders have none)."""
-    base = getattr(model, "base_model", model)
-    for name in FINAL_NORM_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
-
-@contextlib.contextmanager
-def _input_of(module: torch.nn.Module | None):
-    """Record what `module` is called with (the last block's output, for a final norm)."""
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0])) if module is not None else None
-    try:
-        yield seen
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def forward(model, batch: Batch, want_hidden: bool, final_norm: torch.nn.Module | None = None):
-    """Run a model (full LM or its base) and return (logits or None, HiddenStates or None)."""
-    with _input_of(final_norm if want_hidden else None) as before_norm:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    output_hidden_states=want_hidden, return_dict=True)
-    logits = getattr(out, "logits", None)
-    if not want_hidden:
-        return logits, None
-    states = tuple(out.hidden_states)
-    blocks = states[:-1] + (before_norm[-1],) if before_norm else states
-    return logits, HiddenStates(blocks=blocks, final=states[-1])
-
-
-def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates | None, t_logits,
+def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates | None, signals: Signals | None,
                   t_hidden: HiddenStates | None, only: tuple[str, ...] | None = None,
                   s_attention: Captured | None = None, t_attention: Captured | None = None,
                   project=None) -> dict[str, tuple]:
     """Each term as (local mean, local count, step count): the mean over this process's rows and the counts
     that turn it into this micro-batch's share of the step's mean. `only` limits the terms computed.
-    `*_attention`: what the self-attention terms need, captured during the forwards (captured_attention).
-    `project`: the learned student -> teacher width maps (training.projections), when the widths differ."""
+    `signals`: the teacher's, one row per kd position (kd_positions). `*_attention`: what the self-attention terms
+    need, captured during the forwards (captured_attention). `project`: the learned student -> teacher width maps
+    (training.projections), when the widths differ."""
     real = batch.attention_mask.bool()
-    if spec.objective == "clm":
-        predicted = torch.zeros_like(real)
-        predicted[:, 1:] = batch.labels[:, 1:] != -100
-    else:
-        predicted = batch.labels != -100
-    kd_rows = predicted if spec.restrict_ce_to_mask else real
-    kd_local = batch.local_targets if spec.restrict_ce_to_mask else batch.local_tokens
-    kd_step = batch.step_targets if spec.restrict_ce_to_mask else batch.step_tokens
-    if batch.kd_mask is not None:  # on-policy rows: soft targets on the student's own tokens only
-        kd_rows, kd_local, kd_step = batch.kd_mask, batch.local_targets, batch.step_targets
-
+    kd_rows, kd_local, kd_step = kd_positions(spec, batch)
     terms: dict[str, tuple] = {}
     w = {k: v for k, v in spec.weights.items() if only is None or k in only}
-    if spec.vocab_limit is not None:  # padding rows of the output layers are no tokens: left out on both sides
-        s_logits = s_logits[..., :spec.vocab_limit] if s_logits is not None else None
-        t_logits = t_logits[..., :spec.vocab_limit] if t_logits is not None else None
-    if "ce" in w:
-        terms["ce"] = (losses.soft_target_loss(s_logits, t_logits, spec.temperature, kd_rows, spec.divergence,
-                                               spec.jsd_beta, spec.skew_alpha), kd_local, kd_step)
-    if "mse" in w:
-        terms["mse"] = (losses.logit_mse(s_logits, t_logits, kd_rows), kd_local, kd_step)
+    if spec.vocab_limit is not None and s_logits is not None:  # padding rows of the output layer are no tokens
+        s_logits = s_logits[..., :spec.vocab_limit]
+    if "ce" in w or "mse" in w:
+        rows = s_logits[kd_rows]
+        if "ce" in w:
+            divergence = Divergence(spec.divergence, spec.temperature, spec.jsd_beta, spec.skew_alpha)
+            value = divergence.value(rows, signals) / rows.shape[0] if rows.shape[0] else rows.sum() * 0.0
+            terms["ce"] = (value, kd_local, kd_step)
+        if "mse" in w:
+            terms["mse"] = (losses.logit_mse(rows, signals.teacher_logits()), kd_local, kd_step)
     if "mlm" in w:
         terms["mlm"] = (losses.masked_lm_loss(s_logits, batch.labels), batch.local_targets, batch.step_targets)
     if "clm" in w:
@@ -320,16 +202,15 @@ def row_targets(spec: TermSpec, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
         labels = batch.labels
     flat_real = real.reshape(-1).nonzero().squeeze(1)
     row_labels = labels.reshape(-1)[flat_real]
-    kd_rows = (row_labels != -100) if spec.restrict_ce_to_mask else torch.ones_like(row_labels, dtype=torch.bool)
-    if batch.kd_mask is not None:  # on-policy rows: soft targets on the student's own tokens only
-        kd_rows = batch.kd_mask.reshape(-1)[flat_real]
+    kd_rows = kd_positions(spec, batch)[0].reshape(-1)[flat_real]
     return flat_real, kd_rows, row_labels
 
 
-def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projection, t_projection):
-    """Logit terms through the fused head: (differentiable weighted total, {term: detached step share})."""
+def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, signals: Signals | None, s_projection):
+    """Logit terms through the output-layer engine, against the teacher's signals at the kd positions:
+    (differentiable weighted total, {term: detached step share})."""
     flat_real, kd_rows, row_labels = row_targets(spec, batch)
-    kd_step = batch.step_targets if spec.restrict_ce_to_mask or batch.kd_mask is not None else batch.step_tokens
+    kd_step = kd_positions(spec, batch)[2]
     w = spec.weights
     lm_name = "clm" if spec.objective == "clm" else "mlm"
     terms = HeadTerms(temperature=spec.temperature, divergence=spec.divergence, jsd_beta=spec.jsd_beta,
@@ -337,9 +218,8 @@ def fused_logit_terms(spec: TermSpec, batch: Batch, s_states, t_states, s_projec
                       coef_mse=w.get("mse", 0.0) / max(kd_step, 1),
                       coef_lm=w.get(lm_name, 0.0) / max(batch.step_targets, 1))
     hidden = s_states.reshape(-1, s_states.shape[-1])[flat_real]
-    teacher = t_states.reshape(-1, t_states.shape[-1])[flat_real] if t_states is not None else None
-    total, sums = fused_head_losses(hidden, s_projection, teacher, t_projection, kd_rows, row_labels, terms,
-                                    vocab_limit=spec.vocab_limit)
+    total, sums = student_head_losses(hidden, s_projection, kd_rows, row_labels, signals, terms,
+                                      vocab_limit=spec.vocab_limit)
     shares = {}
     for index, name, denominator in ((0, "ce", kd_step), (1, "mse", kd_step), (2, lm_name, batch.step_targets)):
         if name in w:
@@ -357,69 +237,65 @@ def weighted_total(shares: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(weights[name] * value for name, value in shares.items())
 
 
+def teacher_request(spec: TermSpec, batch: Batch) -> TeacherRequest:
+    """What the recipe's terms need from the teacher for `batch`."""
+    return TeacherRequest(kd_rows=kd_positions(spec, batch)[0] if spec.needs_teacher_logits else None,
+                          hidden=spec.needs_hidden, attention=spec.captured_layers(1))
+
+
 class Objective:
     """The weighted loss of one micro-batch, as its share of the optimizer step's mean.
 
-    Runs the frozen teacher without gradients and the student with them, through the fused output layer
-    (`fused` = (student projection, teacher projection or None)) when there is one. The self-attention terms
-    (relation, attention) read what hooks capture during the same two forwards, in either path.
+    The teacher's signals come from `source` (training.sources: a live model, a store, a mixture; the objective
+    does not ask which). The student runs with gradients, through the output-layer engine when `projection` (its
+    output Linear, training.fused_head.output_projection) is given, else with its plain logits. The
+    self-attention terms (relation, attention) read what hooks capture during the forwards, in either path.
     """
 
-    def __init__(self, spec: TermSpec, teacher: torch.nn.Module, student: torch.nn.Module, fused: tuple | None,
-                 autocast):
-        self.spec = with_attention_defaults(spec, student, teacher)
-        self.teacher = teacher
+    def __init__(self, spec: TermSpec, source: TeacherSource, student: torch.nn.Module,
+                 projection: torch.nn.Module | None = None, autocast=contextlib.nullcontext):
+        self.spec = with_attention_defaults(spec, student, source.model)
+        self.source = source
         self.student = student
-        self.fused = fused
+        self.projection = projection
         self.autocast = autocast
-        self.teacher_norm = final_norm_of(teacher)
         self.student_norm = final_norm_of(student)
         # Learned width maps, when the run has them (attached to the trained module by add_projections).
         self.project = projections_of(student)
 
+    def teacher_outputs(self, batch: Batch) -> TeacherOutputs:
+        """The source's answer to what the recipe's terms need (nothing for a student-only baseline)."""
+        if not self.spec.needs_teacher:
+            return TeacherOutputs()
+        return self.source.outputs(batch, teacher_request(self.spec, batch))
+
     def __call__(self, student_module: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         """(differentiable weighted share of the step loss, {term: detached share})."""
         spec = self.spec
-        if self.fused is None:
-            t_logits, t_hidden, t_attention = self.teacher_outputs(batch)
+        teacher = self.teacher_outputs(batch)
+        if self.projection is None:
             with captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
                 s_logits, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
-            shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, t_logits, t_hidden,
-                                              s_attention=s_attention, t_attention=t_attention,
+            shares = step_share(compute_terms(spec, batch, s_logits, s_hidden, teacher.signals, teacher.hidden,
+                                              s_attention=s_attention, t_attention=teacher.attention,
                                               project=self.project))
             return weighted_total(shares, spec.weights), {k: v.detach() for k, v in shares.items()}
-        s_proj, t_proj = self.fused
-        t_states, t_hidden, t_attention = self.teacher_outputs(batch, states_only=t_proj is not None)
         logit_shares: dict = {}
 
         def fused_head(states):  # runs where the student calls its output layer, inside its forward
-            total, shares = fused_logit_terms(spec, batch, states, t_states if t_proj is not None else None,
-                                              s_proj, t_proj)
+            total, shares = fused_logit_terms(spec, batch, states, teacher.signals, self.projection)
             logit_shares.update(shares)
             return total
 
-        with projection_replaced(s_proj, fused_head), \
+        with projection_replaced(self.projection, fused_head), \
                 captured_attention(self.student, *spec.captured_layers(0)) as s_attention:
             total, s_hidden = forward(student_module, batch, spec.needs_hidden, self.student_norm)
         shares = dict(logit_shares)
         others = [t for t in HIDDEN_TERMS + SENTENCE_TERMS + ATTENTION_TERMS if t in spec.weights]
         if others:
-            rest = step_share(compute_terms(spec, batch, None, s_hidden, None, t_hidden, only=tuple(others),
-                                            s_attention=s_attention, t_attention=t_attention, project=self.project))
+            rest = step_share(compute_terms(spec, batch, None, s_hidden, None, teacher.hidden, only=tuple(others),
+                                            s_attention=s_attention, t_attention=teacher.attention,
+                                            project=self.project))
             total = total + weighted_total(rest, spec.weights)
             shares.update({k: v.detach() for k, v in rest.items()})
         return total, shares
-
-    @torch.no_grad()  # no_grad, not inference_mode: teacher outputs feed the loss, whose backward saves them
-    def teacher_outputs(self, batch: Batch, states_only: bool = False):
-        """(logits, or the states that enter the output layer when `states_only`; HiddenStates or None;
-        Captured self-attention). A student-only baseline (alpha_mlm alone) runs no teacher."""
-        if not self.spec.needs_teacher:
-            return None, None, None
-        with self.autocast():
-            t_proj = self.fused[1] if states_only else None
-            replaced = projection_replaced(t_proj, lambda states: states) if t_proj is not None \
-                else contextlib.nullcontext()
-            with replaced, captured_attention(self.teacher, *self.spec.captured_layers(1)) as captured:
-                logits, hidden = forward(self.teacher, batch, self.spec.needs_hidden, self.teacher_norm)
-            return logits, hidden, captured

@@ -225,7 +225,7 @@ def check(config, models, spec) -> None:
             "bidirectional encoder): on-policy distillation needs a causal student that writes text and a causal "
             "teacher that scores it. Set loss.on_policy_fraction=0, or distil a decoder (GPT-2, Llama, ...)."
         )
-    if getattr(config.teacher, "cache", None):
+    if getattr(config.teacher, "cache", None) or any(e.get("cache") for e in getattr(config, "teachers", [])):
         raise DistilError(
             "loss.on_policy_fraction is set with teacher.cache: the stored teacher signals cover the prepared text "
             "only and cannot score what the student writes. Use the live teacher (unset teacher.cache) for "
@@ -242,7 +242,7 @@ def check(config, models, spec) -> None:
     from distil.model_kinds import learned_position_limit
 
     longest = config.loss.on_policy_prefix + config.loss.on_policy_max_new_tokens
-    for who, model in (("teacher", models.teacher), ("student", models.student)):
+    for who, model in [("teacher", t) for t in models.teacher_models] + [("student", models.student)]:
         limit = learned_position_limit(model)
         if limit is not None and longest > limit:
             raise DistilError(

@@ -111,9 +111,10 @@ class FullyShardedDataParallel:
             mixed = "no"
         _shard(trained, mixed, reshard_after_forward=True)
         if self.config.teacher.fsdp == "shard":
-            _shard(models.teacher, mixed, reshard_after_forward=True)
+            for teacher in models.teacher_models:
+                _shard(teacher, mixed, reshard_after_forward=True)
         # Loaded on the host (training.models.load_models): only each process's shards move to its device.
-        for model in {id(m): m for m in (models.student, models.teacher)}.values():
+        for model in {id(m): m for m in (models.student, *models.teacher_models)}.values():
             model.to(self.acc.device)
         log.info("FSDP: student%s sharded over %d processes (each block, then the root)",
                  " and teacher" if self.config.teacher.fsdp == "shard" else "", self.acc.num_processes)
@@ -196,7 +197,7 @@ def held_megabytes(models, optimizer) -> dict[str, float]:
     optimizer = getattr(optimizer, "optimizer", optimizer)
     state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
     student = list(unique(models.student))
-    return {"teacher_parameters_mb": sum(local(p) for p in unique(models.teacher)) / 2**20,
+    return {"teacher_parameters_mb": sum(local(p) for t in models.teacher_models for p in unique(t)) / 2**20,
             "student_parameters_mb": sum(local(p) for p in student) / 2**20,
             "student_gradients_mb": sum(local(p.grad) for p in student if p.grad is not None) / 2**20,
             "optimizer_state_mb": state / 2**20}

@@ -71,7 +71,7 @@ def add_projections(config, models, spec) -> Projections | None:
     """Attach the maps the run needs to the trained module (before the optimizer is built), or refuse."""
     from distil.loading import hidden_size_of
 
-    d_s, d_t = hidden_size_of(models.student.config), hidden_size_of(models.teacher.config)
+    d_s, d_t = hidden_size_of(models.student.config), hidden_size_of(models.teacher_config)
     mode = config.loss.hidden_projection
     if not (spec.needs_hidden_pairs or spec.needs_sentence):
         return None
