@@ -139,3 +139,16 @@ def test_import_structure_training_files_stay_readable():
     long = {p.name: n for p in (SOURCE / "training").glob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > LONGEST_TRAINING_FILE}
     assert long == {}
+
+
+# Inside training: the teacher sources hand signals down to the objective and never import what consumes them.
+SOURCES_NEVER_IMPORT = ("distil.training.objective", "distil.training.loop", "distil.training.heldout",
+                        "distil.training.models")
+
+
+def test_import_structure_teacher_sources_never_import_their_consumers():
+    graph = import_graph()
+    broken = sorted((module, target) for module, targets in graph.items() if module.startswith("distil.training.sources")
+                    for target in targets if target in SOURCES_NEVER_IMPORT)
+    assert [m for m in graph if m.startswith("distil.training.sources.")]
+    assert broken == []
