@@ -48,18 +48,19 @@ def write_retrieval_task(heldout: Path, directory: Path, queries: int = RETRIEVA
     import gzip
     import json
 
+    from distil.outputs import atomic_output_dir
+
     with gzip.open(heldout, "rt", encoding="utf-8") as lines:
         paragraphs = [line.split() for line in lines if len(line.split()) >= RETRIEVAL_MIN_WORDS][:queries]
-    (directory / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(directory / "queries.jsonl", "w", encoding="utf-8") as q, \
-            open(directory / "corpus.jsonl", "w", encoding="utf-8") as c, \
-            open(directory / "qrels" / "test.tsv", "w", encoding="utf-8") as qrels:
-        qrels.write("query-id\tcorpus-id\tscore\n")
-        for i, words in enumerate(paragraphs):
-            half = len(words) // 2
-            q.write(json.dumps({"_id": f"q{i}", "text": " ".join(words[:half])}) + "\n")
-            c.write(json.dumps({"_id": f"p{i}", "text": " ".join(words[half:])}) + "\n")
-            qrels.write(f"q{i}\tp{i}\t1\n")
+    halves = [(words[: len(words) // 2], words[len(words) // 2:]) for words in paragraphs]
+    with atomic_output_dir(directory, overwrite=True, command="demo-task") as tmp:  # a demo tree holds only distil's
+        (tmp / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": " ".join(first)}) + "\n"
+                                                   for i, (first, _) in enumerate(halves)), encoding="utf-8")
+        (tmp / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"p{i}", "text": " ".join(second)}) + "\n"
+                                                  for i, (_, second) in enumerate(halves)), encoding="utf-8")
+        (tmp / "qrels").mkdir()
+        (tmp / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"q{i}\tp{i}\t1\n" for i in range(len(halves))), encoding="utf-8")
 
 
 def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: int | None = None) -> dict:

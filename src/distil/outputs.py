@@ -46,7 +46,7 @@ REPORT_SUMMARY, REPORT_TITLE = "summary.md", "# distil report"
 RUN_ENTRIES = frozenset({"recipe.yaml", "metrics.jsonl", "checkpoints", "student", "student-init", "tensorboard"})
 RUN_SIGNATURE = ("metrics.jsonl", "checkpoints")
 # What `distil demo` writes into its output directory: each directory there is itself a distil output.
-DEMO_DIRS = frozenset({"data", "run", "report"})
+DEMO_DIRS = frozenset({"data", "run", "report", "retrieval"})
 DEMO_FILES = frozenset({"evaluation.json"})
 SHOWN_NAMES = 5
 
