@@ -16,6 +16,43 @@ from distil.loading import load_tokenizer, vocab_size_of
 log = logging.getLogger(__name__)
 
 
+CROSS_DIVERGENCES = ("uld", "hybrid")   # distil.cross_tokenizer.divergence.CROSS_VOCABULARY_DIVERGENCES
+CROSS_HINT = ("To distil a student of another tokenizer (data prepared with the student's tokenizer, which the "
+              "student directory holds, e.g. from distil init-student --tokenizer OTHER --transplant-vocabulary), set "
+              "loss.divergence=hybrid or uld: the teacher then reads the text with its own tokenizer and the two are "
+              "aligned by text.")
+
+
+def check_cross_tokenizer_run(config, objective: str, teacher_tokenizer, student_dir: str | None):
+    """A run with a teacher of another tokenizer (loss.divergence uld or hybrid): the student's own tokenizer,
+    after refusing, with why, what such a run cannot do."""
+    from distil.cross_tokenizer.alignment import check_has_offsets
+
+    loss = config.loss
+    if config.teachers and len(config.teachers) > 1:
+        raise DistilError(f"loss.divergence={loss.divergence} distils from one teacher of another tokenizer, and the "
+                          "recipe has several: their distributions over different vocabularies have no common ids "
+                          "to mix. Keep one teacher.")
+    if objective != "clm":
+        raise DistilError(f"loss.divergence={loss.divergence} aligns next-token distributions by text, which needs "
+                          f"causal models; this run is {objective}. A masked-LM teacher predicts masked tokens of its "
+                          "own tokenization, which a student of another tokenizer does not share.")
+    representation = [f"loss.alpha_{t}" for t in ("mse", "cos", "hidden_mse", "sentence_mse", "sentence_cos",
+                                                   "relation", "attention") if getattr(loss, f"alpha_{t}") > 0]
+    if representation:
+        raise DistilError(f"{', '.join(representation)} compare the student with the teacher position by position "
+                          f"(logits id by id, or hidden states), and a teacher of another tokenizer has other "
+                          f"positions and ids. Set them to 0 with loss.divergence={loss.divergence}.")
+    if not student_dir or not Path(student_dir).is_dir():
+        raise DistilError(f"loss.divergence={loss.divergence} needs the student's own tokenizer, and the student "
+                          f"({student_dir or config.student.config}) is no directory holding one. Build it with distil "
+                          "init-student --tokenizer OTHER --transplant-vocabulary, or save its tokenizer beside it.")
+    student_tokenizer = load_tokenizer(student_dir)
+    check_has_offsets(teacher_tokenizer, "teacher tokenizer")
+    check_has_offsets(student_tokenizer, "student tokenizer")
+    return student_tokenizer
+
+
 def check_vocabularies(teacher_config, student_config, tokenizer, config,
                        student_dir: str | None = None) -> int | None:
     """None when the output layers match; the tokenizer's size when they differ only by padding (both cover every
@@ -35,7 +72,7 @@ def check_vocabularies(teacher_config, student_config, tokenizer, config,
         raise DistilError(
             f"The teacher's vocabulary has {t} entries and the student's {s}, and the student's own tokenizer is not the "
             "teacher's: soft targets compare the two distributions id by id, so they need the same tokenizer. Build "
-            "the student from the teacher (distil init-student) or give it the teacher's tokenizer."
+            "the student from the teacher (distil init-student) or give it the teacher's tokenizer. " + CROSS_HINT
         )
     log.warning("The output layers differ by padding only (teacher %d rows, student %d, tokenizer %d ids): the "
                 "logit losses compare the tokenizer's %d ids; the padding rows are never predicted.", t, s, n, n)
@@ -60,7 +97,7 @@ def check_data_matches_tokenizer(data_dir: str, tokenizer, teacher_config) -> No
         raise DistilError(
             f"The data in {data_dir} was prepared with another tokenizer ({manifest['tokenizer']['name_or_path']}, "
             f"{manifest['vocab_size']} tokens) than the teacher's ({len(tokenizer)} tokens): token ids would mean "
-            "different words. Run distil prepare again with --tokenizer set to the teacher."
+            "different words. Run distil prepare again with --tokenizer set to the teacher. " + CROSS_HINT
         )
 
 

@@ -358,6 +358,10 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--mask-replace", type=float, nargs=3, default=None, metavar=("MASK", "KEEP", "RANDOM"),
                    help="masked-LM teachers: probabilities that a target becomes the mask token, stays, or becomes a "
                         "random token; training needs loss.mask_replace equal to them (default: 0.8 0.1 0.1)")
+    p.add_argument("--student-tokenizer", default=None, metavar="DIR",
+                   help="the data were prepared with this tokenizer, another than the teacher's: store the teacher's "
+                        "signals at the student's positions aligned by text, for loss.divergence=uld|hybrid "
+                        "(--format float32 --top-k VOCAB stores them exactly)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished store, or restart an unfinished one")
 
 
@@ -538,7 +542,7 @@ def run(args: argparse.Namespace) -> int | None:
             overwrite=args.overwrite, hidden_states=args.hidden_states, store_format=args.store_format,
             proposal_temperature=args.proposal_temperature, seed=args.seed, shard_size=args.shard_size,
             dtype=args.dtype, mlm_probability=args.mlm_probability, mlm_smoothing=args.mlm_smoothing,
-            mask_replace=args.mask_replace,
+            mask_replace=args.mask_replace, student_tokenizer=args.student_tokenizer,
         )
         if result["finished"]:
             print(json.dumps({k: result[k] for k in ("k", "sampled", "temperature", "data", "bytes",

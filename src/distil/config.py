@@ -50,6 +50,8 @@ class LossConfig:
     temperature: float = 2.0
     alpha_ce: float = 0.5               # soft-target divergence (loss.divergence, forward KL by default) * T^2
     divergence: str = "forward_kl"      # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+                                        # | uld | hybrid: across tokenizers (a teacher of another vocabulary)
+    uld_weight: float = 1.0             # hybrid: weight of its ULD part (the tokens the vocabularies do not share)
     jsd_beta: float = 0.5               # jsd: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
     skew_alpha: float = 0.1             # skew_kl: KL(p || alpha p + (1 - alpha) q); skew_reverse_kl likewise
     alpha_mlm: float = 0.0              # masked-LM cross-entropy on the student
@@ -205,6 +207,7 @@ FLOAT_RANGES = {
     "loss.temperature": POSITIVE,
     "loss.jsd_beta": OPEN_UNIT,
     "loss.skew_alpha": FRACTION,
+    "loss.uld_weight": NON_NEGATIVE,
     "loss.mlm_probability": OPEN_UNIT,
     "loss.mlm_smoothing": NON_NEGATIVE,
     "loss.mask_replace": PROBABILITY,
@@ -481,7 +484,7 @@ def validate(config: TrainConfig) -> None:
         raise DistilError("All loss weights are 0, so nothing would be learned. Set at least one of " + ", ".join(alphas) + ".")
     if loss.alpha_mlm > 0 and loss.alpha_clm > 0:
         raise DistilError("alpha_mlm and alpha_clm are both set: a run is either masked-LM (encoders) or causal-LM (decoders).")
-    divergences = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+    divergences = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "uld", "hybrid")
     if loss.divergence not in divergences:
         raise DistilError(f"loss.divergence must be one of {', '.join(divergences)}, got {loss.divergence!r}."
                           f"{_closest(str(loss.divergence), list(divergences))}")

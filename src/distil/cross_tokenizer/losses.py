@@ -26,6 +26,21 @@ while `*_loss` averages over (masked) rows.
           with the sorted L1, weighting the two by the shared fraction of the teacher's vocabulary; here the
           matched part is forward KL, so that it reduces to the same-tokenizer loss, and the weight is explicit.
 
+Against a sparse teacher (a store's top-k log-probabilities at the temperature and the log of the rest mass R
+outside them, distil.teacher_signal.signals.SparseSignals) the teacher's distribution is known at its top-k only:
+  uld     the sorted L1 with the teacher's tail as one bucket: the k stored probabilities are compared one by one
+          with the student's k largest, and R with the student's remaining mass,
+              sum_{i < k} | p_sorted(i) - q_sorted(i) |  +  | R - sum_{i >= k} q_sorted(i) |
+          a lower bound of the dense value (triangle inequality), equal to it when the top-k holds the whole
+          vocabulary (R = 0): the student's tokens beyond the teacher's vocabulary are then compared with 0, as
+          the zero padding does.
+  hybrid  the exact part is the forward KL over the shared tokens among the top-k plus one bucket holding every
+          other token's mass (the teacher's: R plus its top-k tokens that are not shared), the ULD part compares
+          the top-k tokens that are not shared with the student's tokens that are not shared, R as the teacher's
+          bucket (R holds shared and other tokens alike, which a top-k does not tell apart: it is compared whole).
+          With the whole vocabulary stored (k = Vt) both parts equal the dense ones, so a store of k = Vt trains
+          exactly as the live teacher does (tests/test_cross_tokenizer_training.py).
+
 Gradients come from autograd (torch.sort's values are differentiable). Computed in float32 (float64 inputs stay
 float64).
 """
@@ -61,6 +76,41 @@ def sorted_l1(p: Tensor, q: Tensor) -> Tensor:
     p_sorted = F.pad(p_sorted, (0, width - p_sorted.shape[-1]))
     q_sorted = F.pad(q_sorted, (0, width - q_sorted.shape[-1]))
     return (p_sorted - q_sorted).abs().sum()
+
+
+def sorted_l1_with_bucket(p_known: Tensor, known: Tensor, p_bucket: Tensor, q: Tensor) -> Tensor:
+    """Summed over rows: the sorted L1 of a teacher known at some tokens only. p_known (N, k) probabilities, of
+    which `known` (N, k) says which count (c per row); p_bucket (N,) the teacher's remaining mass as one bucket;
+    q (N, V) the student's probabilities. Per row: sum_{i < c} |p_sorted(i) - q_sorted(i)| +
+    |p_bucket - sum_{i >= c} q_sorted(i)|; with every teacher token known and p_bucket = 0 it is sorted_l1."""
+    p_sorted = p_known.masked_fill(~known, -1.0).sort(dim=-1, descending=True).values
+    q_sorted = q.sort(dim=-1, descending=True).values
+    width = max(p_sorted.shape[-1], q_sorted.shape[-1])
+    p_sorted = F.pad(p_sorted, (0, width - p_sorted.shape[-1]), value=-1.0)
+    q_sorted = F.pad(q_sorted, (0, width - q_sorted.shape[-1]))
+    compared = torch.arange(width, device=q.device) < known.sum(dim=-1, keepdim=True)
+    head = torch.where(compared, (p_sorted - q_sorted).abs(), torch.zeros_like(q_sorted)).sum()
+    student_rest = torch.where(compared, torch.zeros_like(q_sorted), q_sorted).sum(dim=-1)
+    return head + (p_bucket - student_rest).abs().sum()
+
+
+def _check_sparse(student_logits: Tensor, top_logp: Tensor, log_rest: Tensor, temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if student_logits.dim() != 2 or top_logp.dim() != 2 or log_rest.dim() != 1 or \
+            not student_logits.shape[0] == top_logp.shape[0] == log_rest.shape[0]:
+        raise ValueError(f"expected aligned rows (N, Vs), (N, k) and (N,); got {tuple(student_logits.shape)}, "
+                         f"{tuple(top_logp.shape)} and {tuple(log_rest.shape)}")
+
+
+def uld_sparse_sum(student_logits: Tensor, top_logp: Tensor, log_rest: Tensor, temperature: float = 1.0) -> Tensor:
+    """ULD against a sparse teacher (top-k log-probabilities at T and the log rest mass, see the module
+    docstring), summed over rows, times T^2."""
+    _check_sparse(student_logits, top_logp, log_rest, temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    q = F.softmax(student_logits.to(dtype) / temperature, dim=-1)
+    p = top_logp.to(dtype).exp()
+    return sorted_l1_with_bucket(p, torch.ones_like(p, dtype=torch.bool), log_rest.to(dtype).exp(), q) * temperature**2
 
 
 def uld_sum(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -121,6 +171,50 @@ def hybrid_parts_sum(student_logits: Tensor, teacher_logits: Tensor, mapping: Vo
     exact = divergence_sum(coarse_q, coarse_p, "forward_kl", 1.0) * temperature**2
     rest = sorted_l1(log_p[:, teacher_rest].exp(), log_q[:, student_rest].exp()) * temperature**2
     return exact, rest
+
+
+def teacher_to_student(mapping: VocabularyMapping, teacher_width: int, device) -> Tensor:
+    """(teacher_width,) the student id of each teacher id, -1 where the token is not shared."""
+    lookup = torch.full((teacher_width,), -1, dtype=torch.long, device=device)
+    lookup[torch.as_tensor(mapping.teacher_ids, dtype=torch.long, device=device)] = \
+        torch.as_tensor(mapping.student_ids, dtype=torch.long, device=device)
+    return lookup
+
+
+def hybrid_sparse_parts_sum(student_logits: Tensor, top_ids: Tensor, top_logp: Tensor, log_rest: Tensor,
+                            mapping: VocabularyMapping, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(exact part, ULD part) of the hybrid against a sparse teacher (see the module docstring), each summed over
+    rows, times T^2."""
+    _check_sparse(student_logits, top_logp, log_rest, temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    top_logp, log_rest = top_logp.to(dtype), log_rest.to(dtype)
+    mapped = teacher_to_student(mapping, mapping.teacher_size, log_q.device)[top_ids]     # (N, k), -1: not shared
+    shared = mapped >= 0
+    _, _, _, student_rest = _shared_masks(mapping, mapping.teacher_size, log_q.shape[-1], log_q.device)
+    log_q_shared = log_q.gather(1, mapped.clamp_min(0))
+    log_p_shared = top_logp.masked_fill(~shared, float("-inf"))
+    if bool(student_rest.any()):
+        # Every other token's mass as one bucket on each side: the teacher's rest and top-k tokens not shared, the
+        # student's tokens other than the shared top-k ones.
+        p_bucket = torch.logsumexp(torch.cat([top_logp.masked_fill(shared, float("-inf")), log_rest.unsqueeze(1)], 1), 1)
+        q_bucket = _student_bucket(log_q, mapped, shared)
+        exact = (log_p_shared.exp() * (log_p_shared - log_q_shared)).masked_fill(~shared, 0.0).sum() \
+            + (p_bucket.exp() * (p_bucket - q_bucket)).sum()
+    else:
+        # As the dense form: a student holding only shared tokens is compared with the teacher given that the next
+        # token is a shared one (its shared top-k probabilities renormalised).
+        log_p_shared = log_p_shared - torch.logsumexp(log_p_shared, dim=1, keepdim=True)
+        exact = (log_p_shared.exp() * (log_p_shared - log_q_shared)).masked_fill(~shared, 0.0).sum()
+    rest = sorted_l1_with_bucket(top_logp.exp(), ~shared, log_rest.exp(), log_q[:, student_rest].exp())
+    return exact * temperature**2, rest * temperature**2
+
+
+def _student_bucket(log_q: Tensor, mapped: Tensor, shared: Tensor) -> Tensor:
+    """log of the student's mass outside the student ids of the teacher's shared top-k tokens."""
+    rows = torch.arange(log_q.shape[0], device=log_q.device).unsqueeze(1).expand_as(mapped)
+    outside = log_q.index_put((rows[shared], mapped[shared]), log_q.new_full((), float("-inf")))
+    return torch.logsumexp(outside, dim=1)
 
 
 def hybrid_sum(student_logits: Tensor, teacher_logits: Tensor, mapping: VocabularyMapping,

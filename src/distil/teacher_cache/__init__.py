@@ -10,5 +10,5 @@
 
 # The store formats (format.StoreLayout says what each stores). Here, not in `format`, so that the command line
 # lists them without importing torch.
-STORE_FORMATS = ("float16", "compact", "packed", "packed4")
+STORE_FORMATS = ("float16", "compact", "packed", "packed4", "float32")
 DEFAULT_STORE_FORMAT = "packed"   # loses nothing measurable against float16 (benchmarks/RESULTS.md)

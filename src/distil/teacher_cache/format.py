@@ -13,6 +13,7 @@ A store directory holds:
     float16 / compact:
     top_ids.npy      (positions, k) uint16 (vocabularies < 65,536) or int32, by decreasing probability
     top_logp.npy     (positions, k) float16 log-probabilities at the store's temperature     [float16]
+                     (float32 in the float32 format: exact, for tests and stores that must equal the live teacher)
     head_logp.npy    (positions, 8) float16: the 8 most probable tokens' log-probabilities    [compact]
     tail_poly.npy    (positions, 4) float32: a cubic in log(rank + 1) through the other k - 8  [compact]
     log_rest.npy     (positions,) float16 log of the mass outside the top-k
@@ -32,6 +33,8 @@ A store directory holds:
     hidden.npy       (positions, hidden) float16 last hidden state (with --hidden-states last)
     mlm_input.npy    (positions,) ids: the masked input the teacher scored (masked-LM teachers only)
     mlm_target.npy   (positions,) uint8: 1 at the sequence's MLM targets (masked-LM teachers only)
+    carried.npy      (positions,) uint8: 1 where the position carries a teacher row (a store written for a student
+                     of another tokenizer, `student_tokenizer` in the manifest; the other rows hold no signal)
 One row per real position of every sequence, in order: the sequences are the prepared data's, as prepared (or cut
 to the store's max_length as training cuts them).
 
@@ -66,7 +69,8 @@ COMPACT_HEAD, COMPACT_DEGREE = 8, 3
 # Settings that must be equal for a rerun to resume (the rest of the plan is derived from them).
 PLAN_KEYS = ("format_version", "teacher", "vocab_size", "tokenizer_fingerprint", "objective", "k", "sampled",
              "temperature", "proposal_temperature", "seed", "split", "data", "ids_dtype", "store_format",
-             "hidden_states", "hidden_size", "shard_size", "masking")
+             "hidden_states", "hidden_size", "shard_size", "masking", "student_tokenizer")
+CARRIED = "carried"
 MASK_ARRAYS = ("mlm_input", "mlm_target")
 
 
@@ -123,8 +127,8 @@ def store_format_for(requested: str, k: int) -> str:
 
 def encode_logprobs(top_logp: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     """The arrays that store (P, k) log-probabilities sorted by decreasing value in format `fmt`."""
-    if fmt == "float16":
-        return {"top_logp": top_logp.astype(np.float16)}
+    if fmt in ("float16", "float32"):
+        return {"top_logp": top_logp.astype(fmt)}
     basis = _compact_basis(top_logp.shape[1])
     tail = top_logp[:, COMPACT_HEAD:].astype(np.float64)
     coefs = np.linalg.lstsq(basis, tail.T, rcond=None)[0].T
@@ -133,7 +137,7 @@ def encode_logprobs(top_logp: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
 
 def decode_logprobs(arrays: dict, fmt: str, k: int) -> torch.Tensor:
     """(P, k) float32 log-probabilities from what `encode_logprobs` stored (arrays: name -> array of P rows)."""
-    if fmt == "float16":
+    if fmt in ("float16", "float32"):
         return torch.from_numpy(np.asarray(arrays["top_logp"], dtype=np.float32))
     head = torch.from_numpy(np.asarray(arrays["head_logp"], dtype=np.float32))
     coefs = torch.from_numpy(np.asarray(arrays["tail_poly"], dtype=np.float32))
@@ -188,8 +192,8 @@ class StoreLayout:
         else:
             ids = np.dtype(self.ids_dtype)
             out["top_ids"] = ((k,), ids)
-            if self.store_format == "float16":
-                out["top_logp"] = ((k,), f16)
+            if self.store_format in ("float16", "float32"):
+                out["top_logp"] = ((k,), f16 if self.store_format == "float16" else np.dtype("<f4"))
             else:
                 out["head_logp"] = ((COMPACT_HEAD,), f16)
                 out["tail_poly"] = ((COMPACT_DEGREE + 1,), np.dtype("<f4"))

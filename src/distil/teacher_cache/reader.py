@@ -27,6 +27,8 @@ class TeacherStore:
         self.masking = m.get("masking")   # an MLM teacher's store: each sequence's masked input and targets
         self.shard_size = int(m["shard_size"])
         self.sequences = int(m["data"]["sequences"])
+        # Written for a student of another tokenizer: rows at the student's positions, flagged where carried.
+        self.student_tokenizer = m.get("student_tokenizer")
         self._shards: dict[int, dict] = {}
 
     @property
@@ -42,6 +44,8 @@ class TeacherStore:
                 names.append("hidden")
             if self.masking:
                 names += list(fmt.MASK_ARRAYS)
+            if self.student_tokenizer:
+                names.append(fmt.CARRIED)
             try:
                 shard = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
                 digest = fmt.masks_digest(path) if self.masking else None
@@ -90,6 +94,17 @@ class TeacherStore:
         return (np.asarray(shard["mlm_input"][rows], dtype=np.int64),
                 np.asarray(shard["mlm_target"][rows]).astype(bool))
 
+    def carried(self, sequences: list[int], counts: list[int]) -> np.ndarray:
+        """(sum of counts,) bool: which of the first counts[i] positions of each of `sequences` carry a teacher row
+        (a store written for a student of another tokenizer)."""
+        if not self.student_tokenizer:
+            raise DistilError(f"The teacher-signal store {self.root} was written for the teacher's own tokenizer: it "
+                              "has no student positions to carry. Write one with distil cache-teacher "
+                              "--student-tokenizer.")
+        parts = [np.asarray(shard[fmt.CARRIED][rows]).astype(bool)
+                 for shard, rows in (self.rows_of(int(s), int(c)) for s, c in zip(sequences, counts))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
     def targets(self, sequences: list[int], counts: list[int], want_hidden: bool = False,
                 device: torch.device | None = None) -> SparseSignals:
         """The sparse targets of the first counts[i] positions of each of `sequences`, rows concatenated in order
@@ -98,7 +113,7 @@ class TeacherStore:
         for sequence, count in zip(sequences, counts):
             shard, rows = self.rows_of(int(sequence), int(count))
             for name, array in shard.items():
-                if name not in ("offsets", *fmt.MASK_ARRAYS) and (name != "hidden" or want_hidden):
+                if name not in ("offsets", fmt.CARRIED, *fmt.MASK_ARRAYS) and (name != "hidden" or want_hidden):
                     pieces.setdefault(name, []).append(np.asarray(array[rows]))
         arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
         if not arrays:  # no rows at all

@@ -198,7 +198,7 @@ def _prepare_output(root: Path, plan: dict, overwrite: bool) -> bool:
 
 
 def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict, pad_id: int, batch_size: int,
-                 device: torch.device, bar, masker=None) -> None:
+                 device: torch.device, bar, masker=None, retokenizer=None) -> None:
     final = root / fmt.shard_name(index)
     remove_stale_leftovers(final)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -218,6 +218,8 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
         shapes["hidden"] = ((rows, plan["hidden_size"]), np.float16)
     if masker is not None:
         shapes.update(mlm_input=((rows,), id_dtype), mlm_target=((rows,), np.uint8))
+    if retokenizer is not None:
+        shapes[fmt.CARRIED] = ((rows,), np.uint8)
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
               for name, (shape, dtype) in shapes.items()}
     for name in shapes:  # on a full disk, a write through a memory map kills the process (SIGBUS): fail here instead
@@ -227,6 +229,10 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         inputs = _masked_sequences(chosen, data, masker, plan["seed"])
+        if retokenizer is not None:
+            _write_aligned(chosen, inputs, retokenizer, model, plan, device, arrays, offsets, first, layout)
+            bar.update(len(chosen))
+            continue
         ids, mask = pad_batch([masked for masked, _ in inputs], pad_id)
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=want_hidden,
@@ -253,6 +259,28 @@ def _write_shard(index: int, root: Path, data: TokenSequences, model, plan: dict
     del arrays
     np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
     os.replace(tmp, final)
+
+
+def _write_aligned(chosen: list[int], inputs: list, retokenizer, model, plan: dict, device, arrays: dict,
+                   offsets: np.ndarray, first: int, layout) -> None:
+    """The rows of `chosen` for a student of another tokenizer: at each student position that carries a teacher
+    position (distil.cross_tokenizer.alignment), the teacher's signals there; the other rows stay empty and
+    unflagged."""
+    logits, teacher_position = retokenizer.teacher_logits(model, [ids.tolist() for ids, _ in inputs],
+                                                          plan["vocab_size"], device)
+    for row, seq in enumerate(chosen):
+        at = int(offsets[seq - first])
+        positions = teacher_position[row, : len(inputs[row][0])]
+        carried = np.nonzero(positions >= 0)[0]
+        arrays[fmt.CARRIED][at: at + len(positions)] = positions >= 0
+        if not len(carried):
+            continue
+        signals = sparse_signals(logits[row, torch.as_tensor(positions[carried])].float().cpu(), plan["k"],
+                                 plan["temperature"])
+        encoded = fmt.encode_signals(layout, signals.top_ids.numpy(), signals.top_logp.numpy(),
+                                     signals.log_rest.numpy())
+        for name, value in encoded.items():
+            arrays[name][at + carried] = value
 
 
 def _store_bytes(root: Path, n_shards: int) -> int | None:
@@ -296,13 +324,33 @@ def _finish(root: Path, plan: dict, n_shards: int) -> dict | None:
     return manifest
 
 
+def _retokenizer(student_tokenizer: str | None, teacher_tokenizer, objective: str, sampled: int, data: str):
+    """The student -> teacher tokenization of a store for a student of another tokenizer, or None."""
+    if not student_tokenizer:
+        return None
+    from distil.checks import check_data_matches_tokenizer
+    from distil.cross_tokenizer.retokenize import Retokenizer
+    from distil.loading import load_tokenizer
+
+    if objective != "clm":
+        raise DistilError("--student-tokenizer aligns a causal teacher's next-token distributions by text; a masked-LM "
+                          "teacher predicts masked tokens of its own tokenization, which a student of another "
+                          "tokenizer does not share. Cache a causal teacher, or leave --student-tokenizer out.")
+    if sampled:
+        raise DistilError("--sampled draws tail tokens of the teacher's vocabulary, which the cross-vocabulary "
+                          "divergences (uld, hybrid) do not compare. Leave --sampled out with --student-tokenizer.")
+    tokenizer = load_tokenizer(student_tokenizer)
+    check_data_matches_tokenizer(data, tokenizer, None)
+    return Retokenizer(tokenizer, teacher_tokenizer)
+
+
 def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sampled: int = 0, temperature: float = 2.0,
                   split: str = "train", batch_size: int = 8, max_length: int | None = None, overwrite: bool = False,
                   hidden_states: str | None = None, store_format: str | None = None, proposal_temperature: float = 1.0,
                   seed: int = 0, shard_size: int = 1024, dtype: str = "float32", progress: bool = True,
                   rank: int | None = None, world: int | None = None, mlm_probability: float | None = None,
                   mlm_smoothing: float | None = None, mask_replace: Sequence[float] | None = None,
-                  logprobs: str | None = None) -> dict:
+                  logprobs: str | None = None, student_tokenizer: str | None = None) -> dict:
     """Write the teacher-signal store of `teacher` over split `split` of prepared `data` into `output`.
 
     `store_format` is one of format.STORE_FORMATS (`logprobs` is its earlier name; the default is
@@ -310,6 +358,11 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
 
     A masked-LM teacher scores each sequence masked with `mlm_probability`, `mlm_smoothing` and `mask_replace`
     (the recipe's loss.* settings, its defaults when not given), as training would mask it.
+
+    `student_tokenizer`: the data was prepared with this tokenizer, another than the teacher's (a student of
+    another vocabulary): each sequence's text is read by the teacher with its own tokenizer and the store keeps,
+    at the student's positions that carry a teacher position, the teacher's signals there
+    (distil.cross_tokenizer; `--format float32 --top-k` the teacher's vocabulary stores them exactly).
 
     Returns the manifest when the store is complete (this process wrote the last shards), else the plan with
     `"finished": False` (other processes, or slices given by rank/world, still have shards to write)."""
@@ -329,7 +382,9 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
     sequences = TokenSequences(data, split, max_length)   # refuses a missing directory or split
     manifest = sequences.manifest
     model, tokenizer, objective, teacher_config = _load_teacher(teacher, dtype)
-    check_data_matches_tokenizer(data, tokenizer, model.config)
+    retokenizer = _retokenizer(student_tokenizer, tokenizer, objective, sampled, data)
+    if retokenizer is None:
+        check_data_matches_tokenizer(data, tokenizer, model.config)
     vocab = min(vocab_size_of(model.config), len(tokenizer))  # padding rows of the output layer are no tokens
     if top_k > vocab or (sampled and top_k >= vocab):
         raise DistilError(f"--top-k {top_k} is too large for the teacher's {vocab}-token vocabulary"
@@ -356,6 +411,8 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
         "hidden_states": hidden_states, "hidden_size": hidden_size_of(model.config) if hidden_states else None,
         "shard_size": shard_size, "masking": masking,
     }
+    if retokenizer is not None:
+        plan["student_tokenizer"] = str(student_tokenizer)
     root = Path(output)
     with output_lock(root, "cache-teacher", take=rank == 0):  # the other processes write shards beside it
         if rank == 0:
@@ -384,7 +441,8 @@ def cache_teacher(teacher: str, data: str, output: str, top_k: int = 128, sample
             for index in mine:
                 with disk_space_errors(root, lambda: _store_bytes(root, n_shards),
                                        partial=root / f".{fmt.shard_name(index)}.tmp-{os.getpid()}"):
-                    _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar, masker)
+                    _write_shard(index, root, sequences, model, plan, pad_id, batch_size, device, bar, masker,
+                                 retokenizer)
         elapsed = time.perf_counter() - started
         barrier()
         if rank == 0 or not distributed:

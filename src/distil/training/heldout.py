@@ -19,7 +19,7 @@ import torch
 
 from distil import losses
 from distil.data.dataset import TokenSequences
-from distil.teacher_signal.divergences import Divergence
+from distil.cross_tokenizer.divergence import soft_target_divergence
 from distil.teacher_signal.signals import DenseSignals
 from distil.training.attention_capture import captured_attention
 from distil.training.batches import build_step
@@ -75,7 +75,7 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
                      for name, _ in own_teachers]
     names = (["student_" + own_name] + teacher_names + ["kd"] + [f"kd_{name}" for name, _ in members]
              + list(representation))
-    divergence = Divergence(spec.divergence, spec.temperature, spec.jsd_beta, spec.skew_alpha)
+    divergence = soft_target_divergence(spec)
     # Sums of token-weighted values and of the counts they are weighted by, reduced over processes at the end.
     sums = torch.zeros(len(names), device=device)
     counts = torch.zeros(len(names), device=device)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from distil.checks import check_data_matches_tokenizer, check_vocabularies
+from distil.checks import CROSS_DIVERGENCES, check_cross_tokenizer_run, check_data_matches_tokenizer, check_vocabularies
 from distil.config import TrainConfig
 from distil.errors import DistilError
 from distil.loading import load_config, load_model, vocab_size_of
@@ -89,11 +89,17 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 
-    vocab_limit = check_vocabularies(reference.config, student.config, tokenizer, config,
-                                     None if config.student.config else student_dir)
-    stored_vocab = min((int(t.store.manifest["vocab_size"]) for t in teachers if t.store is not None), default=None)
-    if vocab_limit is None and stored_vocab is not None and stored_vocab < vocab_size_of(student.config):
-        vocab_limit = stored_vocab  # the teacher's padding rows were left out when caching
+    if loss.divergence in CROSS_DIVERGENCES:
+        # A teacher of another tokenizer (training.sources.cross_tokenizer): the data, the logit terms and the
+        # saved student are the student's own tokenizer's.
+        tokenizer = check_cross_tokenizer_run(config, objective, tokenizer, student_dir)
+        vocab_limit = len(tokenizer) if len(tokenizer) < vocab_size_of(student.config) else None
+    else:
+        vocab_limit = check_vocabularies(reference.config, student.config, tokenizer, config,
+                                         None if config.student.config else student_dir)
+        stored_vocab = min((int(t.store.manifest["vocab_size"]) for t in teachers if t.store is not None), default=None)
+        if vocab_limit is None and stored_vocab is not None and stored_vocab < vocab_size_of(student.config):
+            vocab_limit = stored_vocab  # the teacher's padding rows were left out when caching
     # An embedding student is always written as a sentence-transformers model: it pools as the recipe says (auto:
     # as the teacher's own config, else mean).
     sentence_pooling = resolve_pooling(loss, teacher_source_dir) if wants_sentence or objective == "embedding" \
@@ -200,6 +206,10 @@ def freeze_embeddings(student: torch.nn.Module, positions: bool, token_types: bo
 def student_projection(config: TrainConfig, models, spec) -> torch.nn.Module | None:
     """The student's output layer when the output-layer engine can stand in for it (run.fused_head), else None."""
     if not (config.run.fused_head and spec.needs_logits):
+        return None
+    if spec.divergence in CROSS_DIVERGENCES:
+        log.info("loss.divergence=%s compares two vocabularies, which the output-layer engine's closed forms do not: "
+                 "the student's logits are built whole (the plain path) despite run.fused_head.", spec.divergence)
         return None
     projection = output_projection(models.student)
     if projection is None:

@@ -19,7 +19,7 @@ import torch
 
 from distil import losses
 from distil.sentence_embeddings import embed as sentence_embedding
-from distil.teacher_signal.divergences import Divergence
+from distil.cross_tokenizer.divergence import soft_target_divergence
 from distil.teacher_signal.signals import Signals
 from distil.training.attention_capture import (Captured, captured_attention, check_attention_terms_of_spec,
                                                default_relation_layers, head_count, recipe_pairs)
@@ -44,6 +44,7 @@ class TermSpec:
     divergence: str = "forward_kl"   # what the "ce" (soft-target) term computes, see distil.teacher_signal.divergences
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    uld_weight: float = 1.0          # hybrid (a teacher of another tokenizer): weight of its ULD part
     vocab_limit: int | None = None   # teacher and student output layers padded differently: compare these ids only
     # Self-attention terms (1-based layers). None: resolved against the models when the Objective is built.
     relation_pairs: list[tuple[int, int]] | None = None    # (student layer, teacher layer) of the relation term
@@ -104,7 +105,7 @@ def term_spec_from(config, objective: str, layer_pairs: list[tuple[int, int]], v
     return TermSpec(weights=loss.weights(), temperature=float(loss.temperature),
                     objective=objective, restrict_ce_to_mask=bool(loss.restrict_ce_to_mask),
                     layer_pairs=list(layer_pairs), divergence=loss.divergence, jsd_beta=float(loss.jsd_beta),
-                    skew_alpha=float(loss.skew_alpha), vocab_limit=vocab_limit,
+                    skew_alpha=float(loss.skew_alpha), uld_weight=float(loss.uld_weight), vocab_limit=vocab_limit,
                     relation_pairs=recipe_pairs(loss.relation_layers), relation_heads=loss.relation_heads,
                     attention_pairs=recipe_pairs(loss.attention_layers),
                     attention_loss=loss.attention_loss, pooling=pooling)
@@ -155,7 +156,7 @@ def compute_terms(spec: TermSpec, batch: Batch, s_logits, s_hidden: HiddenStates
     if "ce" in w or "mse" in w:
         rows = s_logits[kd_rows]
         if "ce" in w:
-            divergence = Divergence(spec.divergence, spec.temperature, spec.jsd_beta, spec.skew_alpha)
+            divergence = soft_target_divergence(spec)  # over one vocabulary, or across two (uld, hybrid)
             value = divergence.value(rows, signals) / rows.shape[0] if rows.shape[0] else rows.sum() * 0.0
             terms["ce"] = (value, kd_local, kd_step)
         if "mse" in w:

@@ -16,6 +16,8 @@ from distil.model_kinds import auto_class, head_missing
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.reader import TeacherStore
 from distil.training.fused_head import output_projection
+from distil.cross_tokenizer.divergence import CROSS_VOCABULARY_DIVERGENCES
+from distil.training.sources.cross_tokenizer import CrossTokenizerStore, CrossTokenizerTeacher
 from distil.training.sources.live import LiveTeacher
 from distil.training.sources.mixture import TeacherMixture
 from distil.training.sources.store import StoreTeacher
@@ -164,6 +166,8 @@ def source_from_config(config, models, spec, autocast, train_lengths: np.ndarray
     """The run's teacher source (training.sources): each loaded teacher as a live or a store source, checked
     against the recipe's terms and data, and several mixed by their weights at their temperatures."""
     teachers = models.teachers
+    if spec.divergence in CROSS_VOCABULARY_DIVERGENCES:
+        return _cross_tokenizer_source(config, models, autocast, train_lengths)
     entries = [t.entry for t in teachers]
     hidden = hidden_teacher_index(config, entries)
     run_temperature = float(config.loss.temperature)
@@ -190,6 +194,29 @@ def source_from_config(config, models, spec, autocast, train_lengths: np.ndarray
         return sources[0]
     return TeacherMixture(sources, [e.weight for e in entries], temperatures, run_temperature,
                           models.vocab_limit or vocab_size_of(models.teacher_config), hidden)
+
+
+def _cross_tokenizer_source(config, models, autocast, train_lengths: np.ndarray):
+    """The one teacher of another tokenizer than the student's (models.tokenizer), live or from a store written
+    for this student's tokenizer (checked at load: training.models, distil.checks.check_cross_tokenizer_run)."""
+    teacher = models.teachers[0]
+    if teacher.store is None:
+        vocab = min(vocab_size_of(teacher.config), len(teacher.tokenizer))
+        return CrossTokenizerTeacher(teacher.model, teacher.tokenizer, models.tokenizer, vocab, autocast,
+                                     teacher.entry.name)
+    store = teacher.store
+    if not store.student_tokenizer:
+        raise DistilError(f"The store {store.root} was written on data of the teacher's own tokenizer, and "
+                          f"loss.divergence={config.loss.divergence} trains a student of another one. Write a store "
+                          "for it: distil cache-teacher --student-tokenizer STUDENT_DIR --data (the student's "
+                          "prepared data).")
+    temperature = float(teacher.entry.temperature or config.loss.temperature)
+    if abs(temperature - store.temperature) > 1e-9:
+        raise DistilError(f"The store {store.root} holds the teacher's distribution at temperature "
+                          f"{store.temperature:g}, but loss.temperature is {temperature:g}. Set it to "
+                          f"{store.temperature:g}, or write a store at this temperature.")
+    check_store_matches_data(config, store, train_lengths)
+    return CrossTokenizerStore(store, teacher.config, teacher.tokenizer, models.tokenizer, teacher.entry.name)
 
 
 def teacher_stores(models) -> list[TeacherStore]:
