@@ -35,7 +35,7 @@ if [[ ! -f $R/store/manifest.json ]]; then
         --top-k "${CACHE_TOP_K:-128}" --temperature 1 --max-length 128 > "$R/store.log" 2>&1
 fi
 declare -A ROWS=(
-    [lm-only]="loss.alpha_clm=1"
+    [lm-only]="loss.alpha_clm=1 loss.divergence=hybrid"   # no soft-target weight: hybrid only admits the other vocabulary
     [uld]="loss.alpha_clm=1 loss.alpha_ce=1 loss.divergence=uld"
     [hybrid]="loss.alpha_clm=1 loss.alpha_ce=1 loss.divergence=hybrid"
     [hybrid-store]="loss.alpha_clm=1 loss.alpha_ce=1 loss.divergence=hybrid teacher.cache=$R/store"
