@@ -29,6 +29,7 @@ FORBIDDEN = {
     "distil.checks": COMMANDS + ("distil.teacher_cache",),
     "distil.model_kinds": COMMANDS,
     "distil.config": COMMANDS + ("distil.data", "distil.losses", "distil.teacher_cache"),
+    "distil.recipe_checks": COMMANDS + ("distil.config", "distil.data", "distil.losses", "distil.teacher_cache"),
 }
 LONGEST_TRAINING_FILE = 450
 

@@ -354,7 +354,7 @@ def test_on_policy_with_teacher_cache_is_refused(workspace, tmp_path):
     recipe, _ = run(workspace, "cached", ON_POLICY)
     config = load_config(recipe)
     config.teacher.cache = str(tmp_path)  # the store's key (teacher.cache)
-    from distil.config import validate
+    from distil.recipe_checks import validate
 
     with pytest.raises(DistilError, match="cannot score what the student writes"):
         validate(config)

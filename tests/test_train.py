@@ -277,7 +277,8 @@ def test_objective_that_contradicts_the_teacher_is_refused(workspace, family, lo
 
 
 def test_objective_recipe_key_is_validated():
-    from distil.config import TrainConfig, validate
+    from distil.config import TrainConfig
+    from distil.recipe_checks import validate
 
     config = TrainConfig()
     config.teacher.path, config.data.path = "t", "d"

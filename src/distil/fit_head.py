@@ -56,7 +56,8 @@ def fit_head(teacher: str, data: str, output_dir: str, steps: int = 300, lr: flo
     `output_dir`. Returns held-out masked-token accuracy and loss before and after."""
     from transformers import AutoModelForMaskedLM
 
-    from distil.config import POSITIVE, TrainConfig, check_number
+    from distil.config import TrainConfig
+    from distil.recipe_checks import POSITIVE, check_number
     from distil.outputs import check_output_dir
     from distil.checks import check_data_matches_tokenizer
     from distil.data.masking import build_masker

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distil.config import ANY_FINITE, FRACTION, NON_NEGATIVE, POSITIVE, check_number
+from distil.recipe_checks import ANY_FINITE, FRACTION, NON_NEGATIVE, POSITIVE, check_number
 from distil.errors import DistilError
 from distil.loading import load_model, load_tokenizer
 from distil.outputs import atomic_output_dir, check_output_dir, locks_output, write_json_atomic
@@ -202,7 +202,7 @@ def _check_arguments(task, teacher, alpha_ce, alpha_task, temperature, epochs, l
         )
 
 
-# The meaningful values of the task's float options, checked like a training recipe's (distil.config.Range).
+# The meaningful values of the task's float options, checked like a training recipe's (distil.recipe_checks.Range).
 TASK_FLOAT_RANGES = {
     "temperature": POSITIVE, "alpha_ce": NON_NEGATIVE, "alpha_task": NON_NEGATIVE, "lr": POSITIVE,
     "warmup_fraction": FRACTION, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
