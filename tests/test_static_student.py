@@ -12,8 +12,8 @@ import torch
 
 from distil.errors import DistilError
 from distil.static_embedding import encode_static, load_static, sentence_embeddings_from_ids
-from distil.static_student import (corpus_probabilities, pca_basis, project, sif_weights, static_student,
-                                   zipf_probabilities)
+from distil.static_student import (corpus_probabilities, heldout_split, pca_basis, project, pull_penalty,
+                                   sif_weights, static_student, train_table, zipf_probabilities)
 from tiny_tokenizers import word_level_tokenizer
 
 N_WORDS = 40
@@ -51,7 +51,7 @@ def text_file(tmp_path_factory):
 def trained(teacher_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("students") / "trained"
     summary = static_student(str(teacher_dir), str(out), data=[str(text_file)], dim=8, steps=60, batch_size=32,
-                             lr=1e-2, seed=3, progress=False)
+                             lr=1e-2, seed=3, heldout_fraction=0, progress=False)
     return out, summary
 
 
@@ -140,21 +140,58 @@ def test_static_student_sif_weights_hand_computed():
                                torch.tensor([7 / 15, 7 / 9, 7 / 11], dtype=torch.float64))
 
 
-def test_static_student_untrained_rows_are_the_teachers_token_embeddings(teacher_dir, tmp_path):
-    """steps 0, no weighting: row i is the PCA projection of the teacher's pooled embedding of [CLS] i [SEP]."""
+def _pooled_vocabulary(teacher_dir) -> torch.Tensor:
+    """The plain formulation: each entry framed [CLS] i [SEP], mean of the teacher's last hidden states."""
     from transformers import AutoModel
 
-    out = tmp_path / "untrained"
-    static_student(str(teacher_dir), str(out), dim=6, steps=0, weighting="none", progress=False)
     teacher = AutoModel.from_pretrained(teacher_dir).eval()
     with torch.no_grad():
         framed = torch.tensor([[2, i, 3] for i in range(N_WORDS + N_SPECIALS)])  # [CLS] = 2, [SEP] = 3
-        pooled = torch.nn.functional.normalize(teacher(input_ids=framed).last_hidden_state.double().mean(1), dim=1)
-    mean, components = pca_basis(pooled, 6)
-    expected = (pooled - mean) @ components
+        return teacher(input_ids=framed).last_hidden_state.double().mean(1)
+
+
+@pytest.mark.parametrize("normalize_tokens", [False, True])
+def test_static_student_untrained_rows_are_the_teachers_token_embeddings(teacher_dir, tmp_path, normalize_tokens):
+    """steps 0, no weighting: row i is the PCA projection of the teacher's pooled embedding of [CLS] i [SEP]
+    (its norm kept unless normalize_tokens), the PCA fitted on the rows text reaches: [PAD] [CLS] [SEP] [MASK]
+    are left out and stored as zeros, [UNK] (id 1) stays."""
+    out = tmp_path / "untrained"
+    static_student(str(teacher_dir), str(out), dim=6, steps=0, weighting="none", normalize_tokens=normalize_tokens,
+                   progress=False)
+    pooled = _pooled_vocabulary(teacher_dir)
+    if normalize_tokens:
+        pooled = torch.nn.functional.normalize(pooled, dim=1)
+    kept = [1] + list(range(N_SPECIALS, N_SPECIALS + N_WORDS))
+    mean, components = pca_basis(pooled[kept], 6)
+    expected = torch.zeros(N_WORDS + N_SPECIALS, 6, dtype=torch.float64)
+    expected[kept] = (pooled[kept] - mean) @ components
     torch.testing.assert_close(load_static(out).table.double(), expected, rtol=0, atol=1e-5)
+    assert pooled[kept].norm(dim=1).std() > (0 if normalize_tokens else 0.01)  # the norms differ: they matter
     summary = json.loads((out / "static_student.json").read_text(encoding="utf-8"))
-    assert summary["steps"] == 0 and summary["training_sequences"] == 0
+    assert summary["steps"] == 0 and summary["training_sequences"] == 0 and summary["excluded_rows"] == 4
+
+
+def test_static_student_exclude_tokens_leaves_rows_out_of_pca_and_zipf_ranks(teacher_dir, tmp_path):
+    """Entries matching --exclude-tokens (w10 .. w19 here) join the special tokens: out of the PCA, zero rows, and
+    the Zipf rank counts only the kept entries in id order (41 - 10 = 31 of them: [UNK], w0 .. w9, w20 .. w39)."""
+    out = tmp_path / "excluded"
+    static_student(str(teacher_dir), str(out), dim=5, steps=0, weighting="zipf", sif_coefficient=0.01,
+                   exclude_tokens=r"w1\d", progress=False)
+    tokenizer = load_static(out).tokenizer
+    excluded = sorted(tokenizer.token_to_id(f"w{n}") for n in range(10, 20))
+    kept = [i for i in range(N_WORDS + N_SPECIALS) if i not in excluded and i not in (0, 2, 3, 4)]
+    assert len(kept) == 31
+    pooled = _pooled_vocabulary(teacher_dir)
+    mean, components = pca_basis(pooled[kept], 5)
+    harmonic = sum(1 / r for r in range(1, 32))
+    weights = torch.tensor([0.01 / (0.01 + 1 / (r * harmonic)) for r in range(1, 32)], dtype=torch.float64)
+    expected = torch.zeros(N_WORDS + N_SPECIALS, 5, dtype=torch.float64)
+    expected[kept] = (pooled[kept] - mean) @ components * weights.unsqueeze(1)
+    torch.testing.assert_close(load_static(out).table.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(DistilError, match="no regular expression"):
+        static_student(str(teacher_dir), str(tmp_path / "bad"), dim=5, steps=0, exclude_tokens="[", progress=False)
+    with pytest.raises(DistilError, match="fewer than two"):
+        static_student(str(teacher_dir), str(tmp_path / "all"), dim=5, steps=0, exclude_tokens=".*", progress=False)
 
 
 def test_static_student_training_lowers_loss_and_is_deterministic(teacher_dir, text_file, trained, tmp_path):
@@ -162,11 +199,11 @@ def test_static_student_training_lowers_loss_and_is_deterministic(teacher_dir, t
     assert summary["loss_after"] < 0.6 * summary["loss_before"], summary  # 0.52 -> 0.27 when written
     again = tmp_path / "again"
     static_student(str(teacher_dir), str(again), data=[str(text_file)], dim=8, steps=60, batch_size=32, lr=1e-2,
-                   seed=3, progress=False)
+                   seed=3, heldout_fraction=0, progress=False)
     assert torch.equal(load_static(again).table, load_static(out).table)
     other = tmp_path / "other-seed"
     static_student(str(teacher_dir), str(other), data=[str(text_file)], dim=8, steps=60, batch_size=32, lr=1e-2,
-                   seed=4, progress=False)
+                   seed=4, heldout_fraction=0, progress=False)
     assert not torch.equal(load_static(other).table, load_static(out).table)
 
 
@@ -186,3 +223,47 @@ def test_static_student_cli_refuses_overwrite_and_bad_input(teacher_dir, text_fi
     assert "--data" in capsys.readouterr().err
     assert main(["static-student", str(teacher_dir), "--steps", "0", "--dim", "64", "-o", str(tmp_path / "wide")]) == 2
     assert "--dim between 1 and 32" in capsys.readouterr().err
+
+
+def test_static_student_pull_penalty_hand_computed():
+    # initial rows (3, 4) and (0, 0): |initial|^2 = 25; the table moved by (1, 0) and (0, 2): 1 + 4 = 5, 5 / 25.
+    initial = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    moved = initial + torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert pull_penalty(moved, initial).item() == pytest.approx(0.2, abs=1e-7)
+    assert pull_penalty(initial, initial).item() == 0.0
+
+
+def test_static_student_pull_keeps_the_table_near_the_distilled_one():
+    """The same batches with and without a strong pull: the pulled table moves far less, and with pull 0 the
+    loss is the plain cosine loss (the run equals one without the pull argument)."""
+    torch.manual_seed(0)
+    table = torch.randn(20, 4)
+    ids = [[int(i) for i in torch.randint(0, 20, (5,))] for _ in range(64)]
+    targets = torch.randn(64, 4)
+    free, _ = train_table(table, ids, targets, steps=40, batch_size=16, lr=0.05, seed=1, progress=False)
+    plain, _ = train_table(table, ids, targets, steps=40, batch_size=16, lr=0.05, seed=1, progress=False, pull=0.0)
+    pulled, _ = train_table(table, ids, targets, steps=40, batch_size=16, lr=0.05, seed=1, progress=False, pull=100.0)
+    assert torch.equal(free, plain)
+    assert pull_penalty(pulled, table) < 0.2 * pull_penalty(free, table)
+
+
+def test_static_student_heldout_early_stop_keeps_the_best_table():
+    """Held-out texts whose teacher embeddings are the initial table's own: agreement 1 at step 0, which no step
+    can beat, so training stops after `patience` measurements and returns the initial table unchanged."""
+    torch.manual_seed(0)
+    table = torch.randn(20, 4)
+    ids = [[int(i) for i in torch.randint(0, 20, (5,))] for _ in range(64)]
+    heldout = [[int(i) for i in torch.randint(0, 20, (4,))] for _ in range(12)]
+    teacher = sentence_embeddings_from_ids(table, heldout, normalize=False)
+    best, history = train_table(table, ids, torch.randn(64, 4), steps=1000, batch_size=16, lr=0.05, seed=1,
+                                progress=False, log_every=1000, heldout_ids=heldout, heldout_teacher=teacher,
+                                eval_every=5, patience=3)
+    assert torch.equal(best, table)
+    assert [h["step"] for h in history] == [0, 5, 10, 15]  # measured at 0, then 3 measurements without a gain
+    assert history[0]["heldout_agreement"] == pytest.approx(1.0)
+    assert all(h["heldout_agreement"] < 1.0 for h in history[1:])
+
+
+def test_static_student_heldout_split_every_kth():
+    assert heldout_split(10, 0.25) == ([0, 1, 2, 4, 5, 6, 8, 9], [3, 7])
+    assert heldout_split(3, 0.0) == ([0, 1, 2], [])

@@ -390,6 +390,19 @@ def _add_static_student(sub) -> None:
                    help="training sequences taken, spread evenly over the text (default 20000)")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest training sequence in tokens, framing included (default: the teacher's limit, or 128)")
+    p.add_argument("--normalize-tokens", action="store_true",
+                   help="L2-normalise each token's pooled teacher vector (default: keep its norm, a token weight)")
+    p.add_argument("--exclude-tokens", default=r"\[unused\d+\]", metavar="REGEX",
+                   help="vocabulary entries left out of the PCA and the Zipf ranks and stored as zeros, besides the "
+                        "special tokens other than [UNK]; '' for none (default: BERT's [unusedN] slots)")
+    p.add_argument("--pull", type=float, default=0.0,
+                   help="weight of |table - distilled table|^2 / |distilled table|^2 in the training loss (default 0)")
+    p.add_argument("--heldout-fraction", type=float, default=0.05,
+                   help="share of the training text held out to pick the best table and stop early; 0: none "
+                        "(default 0.05)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out measurements (default 100)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="held-out measurements without a gain before training stops (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that already holds results")
 
@@ -554,6 +567,8 @@ def run(args: argparse.Namespace) -> int | None:
             teacher=args.teacher, output_dir=args.output_dir, data=args.data, dim=args.dim, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, weighting=args.weighting,
             sif_coefficient=args.sif_coefficient, max_sequences=args.max_sequences, max_length=args.max_length,
+            normalize_tokens=args.normalize_tokens, exclude_tokens=args.exclude_tokens or None, pull=args.pull,
+            heldout_fraction=args.heldout_fraction, eval_every=args.eval_every, patience=args.patience,
             overwrite=args.overwrite,
         )
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))

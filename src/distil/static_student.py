@@ -1,29 +1,35 @@
 """`distil static-student`: a static embedding table distilled from a sentence-embedding teacher.
 
-1. Every vocabulary entry goes through the teacher alone, framed as the teacher's tokenizer frames a text
-   as `distil prepare` frames a sequence ([CLS] id [SEP] for BERT, <s> id </s> for RoBERTa, end-of-text on both
-   sides for GPT-2) and pooled as the teacher pools a
-   sentence (its sentence-transformers pooling: mean over every position, framing included, then L2
-   normalisation for all-MiniLM). Subword pieces (`##ing`, `Ġthe`) go in as they are, by id: the row stands for
-   what the piece contributes where the tokenizer produces it. Special tokens get a row like any other entry;
-   encoding adds no framing, so only [UNK] (unknown characters) and special tokens written literally in a text
-   are ever looked up.
-2. PCA of those vectors (centred, float64 SVD) to the target dimension; each component's sign is fixed so that
-   its largest loading is positive, so the table does not depend on the SVD routine's sign choice.
-3. Frequency weighting by SIF, a / (a + p(token)), folded into the rows, so that frequent tokens weigh less in
-   the mean. p comes from the token's rank in the vocabulary (Zipf, p ~ 1 / (rank + 1): needs no text, and
-   WordPiece / BPE vocabularies are built roughly in frequency order) or from the token counts of the training
-   text (add-one smoothed: frequent words of the user's own text are found exactly, but a small corpus gives
-   every unseen token the largest weight).
-4. Training on text: the student's sentence embedding (the mean of its tokens' rows, exactly what encoding
-   computes) against the teacher's sentence embedding of the same text, brought into the student's space by
-   the same PCA (centred, projected); loss 1 - cosine, Adam, seeded batches.
-5. Written as a sentence-transformers StaticEmbedding directory that Model2Vec also loads (distil.static_embedding).
+1. Every vocabulary entry goes through the teacher alone, framed as `distil prepare` frames a sequence
+   ([CLS] id [SEP] for BERT, <s> id </s> for RoBERTa, end-of-text on both sides for GPT-2) and pooled as the
+   teacher pools a sentence (its sentence-transformers pooling: mean over every position, framing included),
+   WITHOUT the teacher's final L2 normalisation by default: the pooled vector's norm stays in the row and acts
+   as a learned token weight in the mean (a frequent function word pools to a short vector). Subword pieces
+   (`##ing`, `Ġthe`) go in as they are, by id.
+2. Rows that text never reaches are left out of everything that follows and stored as zeros: the tokenizer's
+   special tokens except the unknown token (encoding adds no framing) and entries matching `exclude_tokens`
+   (BERT's ~994 `[unused]` slots by default). Their teacher vectors are far from any word's and would bend the
+   principal components; in a rank-based frequency estimate they would push every real token down ~1000 ranks.
+3. PCA of the kept vectors (centred, float64 SVD, no whitening) to the target dimension; each component's sign
+   is fixed so that its largest loading is positive, so the table does not depend on the SVD routine's sign.
+4. Frequency weighting by SIF, a / (a + p(token)), folded into the rows, so that frequent tokens weigh less in
+   the mean. p comes from the token's rank among the kept entries in id order (Zipf, p ~ 1 / (rank + 1): needs
+   no text, and WordPiece / BPE vocabularies are built roughly in frequency order) or from the token counts of
+   the training text (add-one smoothed).
+5. Training on text (optional): the student's sentence embedding (the mean of its tokens' rows, exactly what
+   encoding computes) against the teacher's pooled embedding of the same text in the same space as the rows
+   (same pooling and normalisation, centred and projected by the same PCA); loss 1 - cosine plus a pull
+   `pull * |table - initial|^2 / |initial|^2` that keeps the table near the distilled one; Adam, seeded
+   batches. A slice of the text is held out: every `eval_every` steps the Spearman agreement of the student's
+   pairwise similarities of the held-out texts with the teacher's is measured, the best table is kept, and
+   training stops after `patience` measurements without a gain.
+6. Written as a sentence-transformers StaticEmbedding directory that Model2Vec also loads (distil.static_embedding).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from distil.static_embedding import StaticModel, sentence_embeddings_from_ids, w
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("zipf", "corpus", "none")
+UNUSED_SLOTS = r"\[unused\d+\]"  # BERT's reserved vocabulary slots: never produced by its tokenizer
 
 
 def framing_of(tokenizer) -> tuple[list[int], list[int]]:
@@ -79,6 +86,37 @@ def vocabulary_vectors(teacher, tokenizer, vocab_size: int, pooling, dense=None,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return sentence_targets(teacher, sequences, pad_id, pooling, dense, batch_size,
                             desc="vocabulary through the teacher" if progress else None)
+
+
+def excluded_rows(tokenizer, vocab_size: int, pattern: str | None) -> torch.Tensor:
+    """(vocab_size,) bool: the entries no text reaches, left out of the PCA, the ranks and the table: special
+    tokens other than the unknown token, and entries whose string fully matches `pattern`."""
+    try:
+        compiled = re.compile(pattern) if pattern else None
+    except re.error as error:
+        raise DistilError(f"--exclude-tokens {pattern!r} is no regular expression ({error}). Give one such as "
+                          "'\\[unused\\d+\\]', or '' to keep every entry.") from None
+    vocabulary = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    excluded = torch.zeros(vocab_size, dtype=torch.bool)
+    unknown = tokenizer.unk_token_id
+    for token_id in tokenizer.all_special_ids:
+        if token_id != unknown and 0 <= token_id < vocab_size:
+            excluded[token_id] = True
+    if compiled is not None:
+        for token, token_id in vocabulary.items():
+            if token_id < vocab_size and compiled.fullmatch(token):
+                excluded[token_id] = True
+    if int((~excluded).sum()) < 2:
+        raise DistilError(f"--exclude-tokens {pattern!r} leaves fewer than two vocabulary entries. Give a narrower "
+                          "pattern, or '' to keep every entry.")
+    return excluded
+
+
+def rank_probabilities(kept: torch.Tensor) -> torch.Tensor:
+    """Zipf probabilities by rank among the kept entries in id order (0 for the others)."""
+    probabilities = torch.zeros(len(kept), dtype=torch.float64)
+    probabilities[kept] = zipf_probabilities(int(kept.sum()))
+    return probabilities
 
 
 def pca_basis(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +163,11 @@ def cosine_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor
     return (1.0 - torch.nn.functional.cosine_similarity(student, targets.to(student.dtype), dim=1)).mean()
 
 
+def pull_penalty(table: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """|table - initial|^2 / |initial|^2 (Frobenius): how far training moved the table, relative to its size."""
+    return (table - initial).pow(2).sum() / initial.pow(2).sum().clamp_min(1e-30)
+
+
 @torch.no_grad()
 def evaluation_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor, chunk: int = 4096) -> float:
     total = sum(float(cosine_loss(table, ids[s:s + chunk], targets[s:s + chunk])) * len(ids[s:s + chunk])
@@ -132,36 +175,79 @@ def evaluation_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Te
     return total / max(len(ids), 1)
 
 
+@torch.no_grad()
+def heldout_agreement(table: torch.Tensor, ids: list[list[int]], teacher_embeddings: torch.Tensor) -> float:
+    """Spearman between the student's and the teacher's cosine similarities of every pair of held-out texts."""
+    from distil.evaluation.embedding_metrics import similarity_agreement
+
+    return similarity_agreement(sentence_embeddings_from_ids(table.float(), ids, normalize=False),
+                                teacher_embeddings)
+
+
+def heldout_split(count: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices): every round(1 / fraction)-th sequence is held out (none for 0)."""
+    if fraction <= 0:
+        return list(range(count)), []
+    every = max(2, round(1 / fraction))
+    return ([i for i in range(count) if i % every != every - 1], [i for i in range(count) if i % every == every - 1])
+
+
 def train_table(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor, steps: int, batch_size: int,
-                lr: float, seed: int, progress: bool = True, log_every: int = 100) -> tuple[torch.Tensor, list[dict]]:
-    """Adam on the table rows against the targets; batches drawn from a seeded permutation per pass."""
-    if steps < 0 or batch_size < 1 or lr <= 0:
-        raise DistilError(f"Training a static student needs steps >= 0, batch size >= 1 and lr > 0; got {steps}, "
-                          f"{batch_size}, {lr}.")
+                lr: float, seed: int, progress: bool = True, log_every: int = 100, pull: float = 0.0,
+                heldout_ids: list[list[int]] | None = None, heldout_teacher: torch.Tensor | None = None,
+                eval_every: int = 100, patience: int = 3) -> tuple[torch.Tensor, list[dict]]:
+    """Adam on the table rows against the targets, plus `pull` times the pull penalty; batches drawn from a seeded
+    permutation per pass. With held-out texts (ids and the teacher's embeddings of them), their similarity
+    agreement is measured before training and every `eval_every` steps: the best table is returned, and training
+    stops after `patience` measurements without a gain."""
+    if steps < 0 or batch_size < 1 or lr <= 0 or pull < 0 or eval_every < 1 or patience < 1:
+        raise DistilError(f"Training a static student needs steps >= 0, batch size >= 1, lr > 0, pull >= 0, "
+                          f"eval every >= 1 and patience >= 1; got {steps}, {batch_size}, {lr}, {pull}, {eval_every}, "
+                          f"{patience}.")
     keep = [i for i, x in enumerate(ids) if x]  # a sequence with no text tokens has no student embedding
     if steps and not keep:
         raise DistilError("The training text has no tokens besides the framing. Give text with words in it.")
     ids, targets = [ids[i] for i in keep], targets[keep]
-    weights = torch.nn.Parameter(table.detach().clone().float())
+    initial = table.detach().clone().float()
+    weights = torch.nn.Parameter(initial.clone())
     optimizer = torch.optim.Adam([weights], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order, position, history = torch.empty(0, dtype=torch.long), 0, []
+    watch = bool(heldout_ids) and heldout_teacher is not None
+    best_table, best_agreement, since_best = initial, -2.0, 0
+    if watch:
+        best_agreement = heldout_agreement(initial, heldout_ids, heldout_teacher)
+        history.append({"step": 0, "heldout_agreement": best_agreement})
     bar = tqdm(range(steps), desc="static-student", disable=not progress, dynamic_ncols=True)
     for step in bar:
         if position + batch_size > len(order):
             order, position = torch.randperm(len(ids), generator=generator), 0
         batch = order[position:position + batch_size].tolist()
         position += batch_size
-        loss = cosine_loss(weights, [ids[i] for i in batch], targets[batch])
+        fit = cosine_loss(weights, [ids[i] for i in batch], targets[batch])
+        loss = fit + pull * pull_penalty(weights, initial) if pull else fit
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            value = loss.item()
-            history.append({"step": step + 1, "loss": value})
-            bar.set_postfix(loss=f"{value:.4f}")
-            log.info("static-student step %d/%d: loss %.4f", step + 1, steps, value)
-    return weights.detach(), history
+        done = step + 1
+        record = {"step": done, "loss": fit.item()} if done % log_every == 0 or done == steps else None
+        if watch and (done % eval_every == 0 or done == steps):
+            agreement = heldout_agreement(weights.detach(), heldout_ids, heldout_teacher)
+            record = {**(record or {"step": done, "loss": fit.item()}), "heldout_agreement": agreement}
+            if agreement > best_agreement:
+                best_table, best_agreement, since_best = weights.detach().clone(), agreement, 0
+            else:
+                since_best += 1
+        if record is not None:
+            history.append(record)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
+            log.info("static-student step %d/%d: %s", done, steps,
+                     ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+        if watch and since_best >= patience:
+            log.info("static-student: held-out agreement has not risen for %d measurements; stopping at step %d, "
+                     "keeping the table of the best measurement (%.4f)", patience, done, best_agreement)
+            break
+    return (best_table if watch else weights.detach()), history
 
 
 def _read_training_text(data: list[str], tokenizer, max_length: int, max_sequences: int,
@@ -199,10 +285,13 @@ def _spread(available: int, wanted: int) -> list[int]:
 def static_student(teacher: str, output_dir: str, data: list[str] | None = None, dim: int = 256,
                    steps: int = 1000, batch_size: int = 256, lr: float = 5e-3, seed: int = 0,
                    weighting: str = "zipf", sif_coefficient: float = 1e-4, max_sequences: int = 20000,
-                   max_length: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Distil a static embedding table of width `dim` from `teacher`, train it `steps` Adam steps on `data`
-    (a prepared directory or text files; needed when steps > 0 or weighting is corpus), write it to
-    `output_dir`. Returns what was done (also written as static_student.json)."""
+                   max_length: int | None = None, normalize_tokens: bool = False,
+                   exclude_tokens: str | None = UNUSED_SLOTS, pull: float = 0.0, heldout_fraction: float = 0.05,
+                   eval_every: int = 100, patience: int = 3, overwrite: bool = False, progress: bool = True) -> dict:
+    """Distil a static embedding table of width `dim` from `teacher`, train it up to `steps` Adam steps on
+    `data` (a prepared directory or text files; needed when steps > 0 or weighting is corpus), write it to
+    `output_dir`. Returns what was done (also written as static_student.json). The module docstring says what
+    each option does."""
     from transformers import AutoModel
 
     from distil.loading import load_model, load_tokenizer, resolve_source
@@ -213,6 +302,9 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
         raise DistilError(f"Unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}.")
     if not 0 < sif_coefficient < 1:
         raise DistilError(f"The SIF coefficient must lie between 0 and 1 (1e-4 is usual); got {sif_coefficient}.")
+    if not 0 <= heldout_fraction < 1:
+        raise DistilError(f"The held-out fraction must lie in [0, 1) (0.05 is usual; 0 trains without early "
+                          f"stopping); got {heldout_fraction}.")
     if not data and (steps > 0 or weighting == "corpus"):
         raise DistilError("Training (--steps > 0) and --weighting corpus need text: give --data (a `distil prepare` "
                           "directory made with the teacher's tokenizer, or text files), or --steps 0.")
@@ -230,12 +322,19 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
     dense = load_dense(Path(local)) if Path(local).is_dir() else None
     backend = tokenizer.backend_tokenizer
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
-    log.info("static-student: %d vocabulary entries through %s (%s pooling%s)", vocab_size, teacher, pooling.mode,
-             ", normalised" if pooling.normalize else "")
-    vectors = vocabulary_vectors(model, tokenizer, vocab_size, pooling, dense, progress=progress)
-    mean, components = pca_basis(vectors, dim)
-    kept = float(project(vectors, mean, components).var(dim=0).sum() / (vectors - mean).var(dim=0).sum())
-    log.info("static-student: PCA %d -> %d keeps %.1f%% of the variance", vectors.shape[1], dim, 100 * kept)
+    # The rows (and the training targets) are the teacher's pooled vectors before its own L2 normalisation,
+    # unless normalize_tokens asks for unit rows; the exported model still normalises sentences as the teacher does.
+    token_pooling = SentencePooling(pooling.mode, normalize=normalize_tokens)
+    log.info("static-student: %d vocabulary entries through %s (%s pooling, %s)", vocab_size, teacher, pooling.mode,
+             "unit rows" if normalize_tokens else "norms kept")
+    vectors = vocabulary_vectors(model, tokenizer, vocab_size, token_pooling, dense, progress=progress)
+    excluded = excluded_rows(tokenizer, vocab_size, exclude_tokens)
+    kept_rows = ~excluded
+    mean, components = pca_basis(vectors[kept_rows], dim)
+    centred = vectors[kept_rows] - mean
+    kept = float(project(vectors[kept_rows], mean, components).var(dim=0).sum() / centred.var(dim=0).sum())
+    log.info("static-student: %d entries left out (never reached by text); PCA %d -> %d keeps %.1f%% of the "
+             "variance", int(excluded.sum()), vectors.shape[1], dim, 100 * kept)
 
     sequences: list[list[int]] = []
     prefix, suffix = framing_of(tokenizer)
@@ -246,7 +345,7 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
             raise DistilError(f"No text was found in {', '.join(data)}.")
     student_ids = [s[len(prefix):len(s) - len(suffix)] for s in sequences]  # what encoding looks up: no framing
     if weighting == "zipf":
-        weights = sif_weights(zipf_probabilities(vocab_size), sif_coefficient)
+        weights = sif_weights(rank_probabilities(kept_rows), sif_coefficient)
     elif weighting == "corpus":
         counts = torch.bincount(torch.tensor([i for s in student_ids for i in s], dtype=torch.long),
                                 minlength=vocab_size)[:vocab_size]
@@ -254,26 +353,42 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
     else:
         weights = torch.ones(vocab_size, dtype=torch.float64)
     table = (project(vectors, mean, components) * weights.unsqueeze(1)).float()
+    table[excluded] = 0.0
 
-    summary = {"teacher": teacher, "dim": dim, "vocabulary": vocab_size, "pca_variance_kept": kept,
+    summary = {"teacher": teacher, "dim": dim, "vocabulary": vocab_size, "excluded_rows": int(excluded.sum()),
+               "exclude_tokens": exclude_tokens, "normalize_tokens": normalize_tokens, "pca_variance_kept": kept,
                "weighting": weighting, "sif_coefficient": sif_coefficient, "steps": steps, "seed": seed,
                "training_sequences": len(sequences), "normalize": pooling.normalize}
     if steps > 0:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        teacher_embeddings = sentence_targets(model, sequences, pad_id, pooling, dense,
+        teacher_embeddings = sentence_targets(model, sequences, pad_id, token_pooling, dense,
                                               desc="training text through the teacher" if progress else None)
         targets = project(teacher_embeddings, mean, components).float()
-        before = evaluation_loss(table, student_ids, targets)
-        table, history = train_table(table, student_ids, targets, steps, batch_size, lr, seed, progress)
-        after = evaluation_loss(table, student_ids, targets)
+        train, heldout = heldout_split(len(sequences), heldout_fraction)
+        heldout = [i for i in heldout if student_ids[i]]
+        train_ids, train_targets = [student_ids[i] for i in train], targets[train]
+        before = evaluation_loss(table, train_ids, train_targets)
+        table, history = train_table(table, train_ids, train_targets, steps, batch_size, lr, seed, progress,
+                                     pull=pull, heldout_ids=[student_ids[i] for i in heldout],
+                                     heldout_teacher=teacher_embeddings[heldout] if len(heldout) > 1 else None,
+                                     eval_every=eval_every, patience=patience)
+        after = evaluation_loss(table, train_ids, train_targets)
         log.info("static-student: loss against the teacher on the training text %.4f -> %.4f", before, after)
-        summary.update(batch_size=batch_size, lr=lr, loss_before=before, loss_after=after, history=history)
+        summary.update(batch_size=batch_size, lr=lr, pull=pull, heldout_sequences=len(heldout),
+                       loss_before=before, loss_after=after, history=history)
+        agreements = [h for h in history if "heldout_agreement" in h]
+        if agreements:
+            best = max(agreements, key=lambda h: h["heldout_agreement"])
+            summary.update(heldout_agreement_before=agreements[0]["heldout_agreement"],
+                           heldout_agreement_best=best["heldout_agreement"], best_step=best["step"],
+                           steps_run=history[-1]["step"])
     summary["seconds"] = time.perf_counter() - started
 
     from tokenizers import Tokenizer
 
     exported = StaticModel(table=table, tokenizer=Tokenizer.from_str(backend.to_str()), normalize=pooling.normalize)
-    details = {"apply_pca": dim, "sif_coefficient": sif_coefficient, "weighting": weighting, "trained_steps": steps}
+    details = {"apply_pca": dim, "sif_coefficient": sif_coefficient, "weighting": weighting,
+               "trained_steps": summary.get("best_step", steps)}
     with atomic_output_dir(output_dir, overwrite, command="static-student") as tmp:
         write_static_directory(tmp, exported, teacher, details)
         write_json_atomic(tmp / "static_student.json", summary)
