@@ -395,6 +395,9 @@ def _add_static_student(sub) -> None:
     p.add_argument("--exclude-tokens", default=r"\[unused\d+\]", metavar="REGEX",
                    help="vocabulary entries left out of the PCA and the Zipf ranks and stored as zeros, besides the "
                         "special tokens other than [UNK]; '' for none (default: BERT's [unusedN] slots)")
+    p.add_argument("--objective", choices=["similarity", "cosine"], default="similarity",
+                   help="training loss: similarity (match the teacher's cosine similarities of the pairs of texts in "
+                        "a batch) or cosine (1 - cosine to the teacher's embedding of each text) (default similarity)")
     p.add_argument("--pull", type=float, default=0.0,
                    help="weight of |table - distilled table|^2 / |distilled table|^2 in the training loss (default 0)")
     p.add_argument("--heldout-fraction", type=float, default=0.05,
@@ -569,7 +572,7 @@ def run(args: argparse.Namespace) -> int | None:
             sif_coefficient=args.sif_coefficient, max_sequences=args.max_sequences, max_length=args.max_length,
             normalize_tokens=args.normalize_tokens, exclude_tokens=args.exclude_tokens or None, pull=args.pull,
             heldout_fraction=args.heldout_fraction, eval_every=args.eval_every, patience=args.patience,
-            overwrite=args.overwrite,
+            objective=args.objective, overwrite=args.overwrite,
         )
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     elif args.command == "demo":

@@ -16,13 +16,16 @@
    the mean. p comes from the token's rank among the kept entries in id order (Zipf, p ~ 1 / (rank + 1): needs
    no text, and WordPiece / BPE vocabularies are built roughly in frequency order) or from the token counts of
    the training text (add-one smoothed).
-5. Training on text (optional): the student's sentence embedding (the mean of its tokens' rows, exactly what
-   encoding computes) against the teacher's pooled embedding of the same text in the same space as the rows
-   (same pooling and normalisation, centred and projected by the same PCA); loss 1 - cosine plus a pull
-   `pull * |table - initial|^2 / |initial|^2` that keeps the table near the distilled one; Adam, seeded
-   batches. A slice of the text is held out: every `eval_every` steps the Spearman agreement of the student's
-   pairwise similarities of the held-out texts with the teacher's is measured, the best table is kept, and
-   training stops after `patience` measurements without a gain.
+5. Training on text (optional), on what encoding computes (the mean of the tokens' rows). Objective
+   `similarity` (default): within each batch, the squared difference between the student's and the teacher's
+   cosine similarities of every pair of texts, the teacher's embeddings as it outputs them; the student learns
+   to rank pairs as the teacher does, which is what retrieval, kNN and similarity use, and it transfers to text
+   unlike the training text. Objective `cosine`: 1 - cos(student, teacher), the teacher's pooled vector (pooled
+   as the rows are) centred and projected by the same PCA. Plus a pull `pull * |table - initial|^2 /
+   |initial|^2` that keeps the table near the distilled one; Adam, seeded batches. A slice of the text is held
+   out: every `eval_every` steps the Spearman agreement of the student's pairwise similarities of the held-out
+   texts with the teacher's is measured, the best table is kept, and training stops after `patience`
+   measurements without a gain.
 6. Written as a sentence-transformers StaticEmbedding directory that Model2Vec also loads (distil.static_embedding).
 """
 
@@ -42,6 +45,7 @@ from distil.static_embedding import StaticModel, sentence_embeddings_from_ids, w
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("zipf", "corpus", "none")
+OBJECTIVES = ("similarity", "cosine")
 UNUSED_SLOTS = r"\[unused\d+\]"  # BERT's reserved vocabulary slots: never produced by its tokenizer
 
 
@@ -163,14 +167,33 @@ def cosine_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor
     return (1.0 - torch.nn.functional.cosine_similarity(student, targets.to(student.dtype), dim=1)).mean()
 
 
+def similarity_loss(table: torch.Tensor, ids: list[list[int]], teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the ordered pairs i != j of a batch of (cos(student_i, student_j) - cos(teacher_i, teacher_j))^2,
+    the teacher's embeddings as it outputs them (any width, not centred): the student learns to rank pairs of
+    texts as the teacher does, which is what retrieval, kNN and similarity use."""
+    student = torch.nn.functional.normalize(sentence_embeddings_from_ids(table, ids, normalize=False), dim=1)
+    reference = torch.nn.functional.normalize(teacher.to(student.dtype), dim=1)
+    count = len(ids)
+    if count < 2:
+        return student.sum() * 0.0  # no pair: nothing to match, still a graph for backward
+    difference = (student @ student.T - reference @ reference.T).pow(2)
+    return (difference.sum() - difference.diagonal().sum()) / (count * (count - 1))
+
+
+LOSSES = {"similarity": similarity_loss, "cosine": cosine_loss}
+
+
 def pull_penalty(table: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """|table - initial|^2 / |initial|^2 (Frobenius): how far training moved the table, relative to its size."""
     return (table - initial).pow(2).sum() / initial.pow(2).sum().clamp_min(1e-30)
 
 
 @torch.no_grad()
-def evaluation_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor, chunk: int = 4096) -> float:
-    total = sum(float(cosine_loss(table, ids[s:s + chunk], targets[s:s + chunk])) * len(ids[s:s + chunk])
+def evaluation_loss(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor, chunk: int = 1024,
+                    objective: str = "cosine") -> float:
+    """The objective over all sequences, in chunks (pairs within each chunk for the similarity objective)."""
+    loss = LOSSES[objective]
+    total = sum(float(loss(table, ids[s:s + chunk], targets[s:s + chunk])) * len(ids[s:s + chunk])
                 for s in range(0, len(ids), chunk))
     return total / max(len(ids), 1)
 
@@ -195,8 +218,9 @@ def heldout_split(count: int, fraction: float) -> tuple[list[int], list[int]]:
 def train_table(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor, steps: int, batch_size: int,
                 lr: float, seed: int, progress: bool = True, log_every: int = 100, pull: float = 0.0,
                 heldout_ids: list[list[int]] | None = None, heldout_teacher: torch.Tensor | None = None,
-                eval_every: int = 100, patience: int = 3) -> tuple[torch.Tensor, list[dict]]:
-    """Adam on the table rows against the targets, plus `pull` times the pull penalty; batches drawn from a seeded
+                eval_every: int = 100, patience: int = 3,
+                objective: str = "cosine") -> tuple[torch.Tensor, list[dict]]:
+    """Adam on the table rows against the targets under `objective` (LOSSES), plus `pull` times the pull penalty; batches drawn from a seeded
     permutation per pass. With held-out texts (ids and the teacher's embeddings of them), their similarity
     agreement is measured before training and every `eval_every` steps: the best table is returned, and training
     stops after `patience` measurements without a gain."""
@@ -224,7 +248,7 @@ def train_table(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor
             order, position = torch.randperm(len(ids), generator=generator), 0
         batch = order[position:position + batch_size].tolist()
         position += batch_size
-        fit = cosine_loss(weights, [ids[i] for i in batch], targets[batch])
+        fit = LOSSES[objective](weights, [ids[i] for i in batch], targets[batch])
         loss = fit + pull * pull_penalty(weights, initial) if pull else fit
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,7 +311,8 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
                    weighting: str = "zipf", sif_coefficient: float = 1e-4, max_sequences: int = 20000,
                    max_length: int | None = None, normalize_tokens: bool = False,
                    exclude_tokens: str | None = UNUSED_SLOTS, pull: float = 0.0, heldout_fraction: float = 0.05,
-                   eval_every: int = 100, patience: int = 3, overwrite: bool = False, progress: bool = True) -> dict:
+                   eval_every: int = 100, patience: int = 3, objective: str = "similarity",
+                   overwrite: bool = False, progress: bool = True) -> dict:
     """Distil a static embedding table of width `dim` from `teacher`, train it up to `steps` Adam steps on
     `data` (a prepared directory or text files; needed when steps > 0 or weighting is corpus), write it to
     `output_dir`. Returns what was done (also written as static_student.json). The module docstring says what
@@ -302,6 +327,8 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
         raise DistilError(f"Unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}.")
     if not 0 < sif_coefficient < 1:
         raise DistilError(f"The SIF coefficient must lie between 0 and 1 (1e-4 is usual); got {sif_coefficient}.")
+    if objective not in OBJECTIVES:
+        raise DistilError(f"Unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}.")
     if not 0 <= heldout_fraction < 1:
         raise DistilError(f"The held-out fraction must lie in [0, 1) (0.05 is usual; 0 trains without early "
                           f"stopping); got {heldout_fraction}.")
@@ -363,18 +390,19 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         teacher_embeddings = sentence_targets(model, sequences, pad_id, token_pooling, dense,
                                               desc="training text through the teacher" if progress else None)
-        targets = project(teacher_embeddings, mean, components).float()
+        # cosine: the teacher's vector in the student's space; similarity: as the teacher outputs it
+        targets = (project(teacher_embeddings, mean, components) if objective == "cosine" else teacher_embeddings).float()
         train, heldout = heldout_split(len(sequences), heldout_fraction)
         heldout = [i for i in heldout if student_ids[i]]
         train_ids, train_targets = [student_ids[i] for i in train], targets[train]
-        before = evaluation_loss(table, train_ids, train_targets)
+        before = evaluation_loss(table, train_ids, train_targets, objective=objective)
         table, history = train_table(table, train_ids, train_targets, steps, batch_size, lr, seed, progress,
                                      pull=pull, heldout_ids=[student_ids[i] for i in heldout],
                                      heldout_teacher=teacher_embeddings[heldout] if len(heldout) > 1 else None,
-                                     eval_every=eval_every, patience=patience)
-        after = evaluation_loss(table, train_ids, train_targets)
+                                     eval_every=eval_every, patience=patience, objective=objective)
+        after = evaluation_loss(table, train_ids, train_targets, objective=objective)
         log.info("static-student: loss against the teacher on the training text %.4f -> %.4f", before, after)
-        summary.update(batch_size=batch_size, lr=lr, pull=pull, heldout_sequences=len(heldout),
+        summary.update(objective=objective, batch_size=batch_size, lr=lr, pull=pull, heldout_sequences=len(heldout),
                        loss_before=before, loss_after=after, history=history)
         agreements = [h for h in history if "heldout_agreement" in h]
         if agreements:
