@@ -1,6 +1,6 @@
 """Static students against Model2Vec, side by side (run.sh drives it; see benchmarks/RETENTION.md).
 
-    python bench.py score CASES MODEL_DIR LIBRARY OUT_JSON TEACHER_SIMILARITIES
+    python bench.py score CASES MODEL_DIR LIBRARY OUT_JSON TEACHER_EMBEDDINGS
         the cases of embedding_ablation/ablation.py (its `score`), the model embedded through LIBRARY:
         distil (distil's encode: what sentence-transformers computes), model2vec (StaticModel.encode) or
         sentence-transformers (SentenceTransformer.encode)
@@ -55,10 +55,10 @@ def case_texts(cases: Path) -> list[str]:
     return bible["queries"] + bible["corpus"] + [t for t, _ in tweets["train"] + tweets["test"]] + passages
 
 
-def score(cases: Path, model_dir: str, library: str, out: Path, teacher_similarities: Path) -> None:
+def score(cases: Path, model_dir: str, library: str, out: Path, teacher_embeddings: Path) -> None:
     embed = encoder(library, model_dir)
     ablation._embed = lambda _model_dir, texts: embed(texts)
-    result = ablation.score(cases, model_dir, out, teacher_similarities)
+    result = ablation.score(cases, model_dir, out, teacher_embeddings)
     result["library"] = library
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
