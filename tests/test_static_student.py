@@ -307,3 +307,17 @@ def test_static_student_training_lowers_each_objective(objective):
                              objective=objective)
     # 0.357 -> 0.270 (similarity: 128 random texts' pairs fit by 30 rows only in part), 1.047 -> 0.486 (cosine)
     assert evaluation_loss(trained, ids, targets, objective=objective) < 0.8 * before
+
+
+def test_static_student_cli_exclude_tokens_and_normalize_tokens(teacher_dir, tmp_path, capsys):
+    from distil.cli import main
+
+    def excluded(*flags):
+        out = tmp_path / f"cli-{len(list(tmp_path.iterdir()))}"
+        assert main(["static-student", str(teacher_dir), "--steps", "0", "--dim", "4", "-o", str(out), *flags]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        return summary["excluded_rows"], summary["normalize_tokens"]
+
+    assert excluded() == (4, False)                        # [PAD] [CLS] [SEP] [MASK]; no [unusedN] here
+    assert excluded("--exclude-tokens", r"w1\d") == (14, False)  # and w10 .. w19
+    assert excluded("--exclude-tokens", "", "--normalize-tokens") == (4, True)

@@ -379,7 +379,9 @@ def _add_static_student(sub) -> None:
                         "files (one sequence per line); needed unless --steps 0")
     p.add_argument("--output-dir", "-o", required=True, help="directory to write (refused if it holds results)")
     p.add_argument("--dim", type=int, default=256, help="embedding width after PCA (default 256)")
-    p.add_argument("--steps", type=int, default=1000, help="Adam steps on the text; 0: no training (default 1000)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="most Adam steps on the text (the held-out early stop usually ends sooner); 0: no training "
+                        "(default 3000)")
     p.add_argument("--batch-size", type=int, default=256, help="sequences per step (default 256)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     p.add_argument("--weighting", choices=["zipf", "corpus", "none"], default="zipf",
@@ -392,7 +394,7 @@ def _add_static_student(sub) -> None:
                    help="longest training sequence in tokens, framing included (default: the teacher's limit, or 128)")
     p.add_argument("--normalize-tokens", action="store_true",
                    help="L2-normalise each token's pooled teacher vector (default: keep its norm, a token weight)")
-    p.add_argument("--exclude-tokens", default=r"\[unused\d+\]", metavar="REGEX",
+    p.add_argument("--exclude-tokens", default=None, metavar="REGEX",
                    help="vocabulary entries left out of the PCA and the Zipf ranks and stored as zeros, besides the "
                         "special tokens other than [UNK]; '' for none (default: BERT's [unusedN] slots)")
     p.add_argument("--objective", choices=["similarity", "cosine"], default="similarity",
@@ -564,13 +566,14 @@ def run(args: argparse.Namespace) -> int | None:
             print(json.dumps({k: result[k] for k in ("k", "sampled", "temperature", "data", "bytes",
                                                      "bytes_per_token", "signal_bytes_per_token")}, indent=2))
     elif args.command == "static-student":
-        from distil.static_student import static_student
+        from distil.static_student import UNUSED_SLOTS, static_student
 
         result = static_student(
             teacher=args.teacher, output_dir=args.output_dir, data=args.data, dim=args.dim, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, weighting=args.weighting,
             sif_coefficient=args.sif_coefficient, max_sequences=args.max_sequences, max_length=args.max_length,
-            normalize_tokens=args.normalize_tokens, exclude_tokens=args.exclude_tokens or None, pull=args.pull,
+            normalize_tokens=args.normalize_tokens,
+            exclude_tokens=UNUSED_SLOTS if args.exclude_tokens is None else args.exclude_tokens or None, pull=args.pull,
             heldout_fraction=args.heldout_fraction, eval_every=args.eval_every, patience=args.patience,
             objective=args.objective, overwrite=args.overwrite,
         )

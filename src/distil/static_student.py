@@ -307,7 +307,7 @@ def _spread(available: int, wanted: int) -> list[int]:
 
 @locks_output("static-student")
 def static_student(teacher: str, output_dir: str, data: list[str] | None = None, dim: int = 256,
-                   steps: int = 1000, batch_size: int = 256, lr: float = 5e-3, seed: int = 0,
+                   steps: int = 3000, batch_size: int = 256, lr: float = 5e-3, seed: int = 0,
                    weighting: str = "zipf", sif_coefficient: float = 1e-4, max_sequences: int = 20000,
                    max_length: int | None = None, normalize_tokens: bool = False,
                    exclude_tokens: str | None = UNUSED_SLOTS, pull: float = 0.0, heldout_fraction: float = 0.05,
