@@ -263,6 +263,9 @@ def test_static_student_heldout_early_stop_keeps_the_best_table():
     assert [h["step"] for h in history] == [0, 5, 10, 15]  # measured at 0, then 3 measurements without a gain
     assert history[0]["heldout_agreement"] == pytest.approx(1.0)
     assert all(h["heldout_agreement"] < 1.0 for h in history[1:])
+    with pytest.raises(DistilError, match="--batch-size 2"):  # one text a batch: no pair to compare
+        train_table(table, ids, torch.randn(64, 4), steps=5, batch_size=1, lr=0.05, seed=1, progress=False,
+                    objective="similarity")
 
 
 def test_static_student_heldout_split_every_kth():

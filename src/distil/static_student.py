@@ -220,14 +220,17 @@ def train_table(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor
                 heldout_ids: list[list[int]] | None = None, heldout_teacher: torch.Tensor | None = None,
                 eval_every: int = 100, patience: int = 3,
                 objective: str = "cosine") -> tuple[torch.Tensor, list[dict]]:
-    """Adam on the table rows against the targets under `objective` (LOSSES), plus `pull` times the pull penalty; batches drawn from a seeded
-    permutation per pass. With held-out texts (ids and the teacher's embeddings of them), their similarity
+    """Adam on the table rows against the targets under `objective` (LOSSES), plus `pull` times the pull
+    penalty; batches drawn from a seeded permutation per pass. With held-out texts (ids and the teacher's embeddings of them), their similarity
     agreement is measured before training and every `eval_every` steps: the best table is returned, and training
     stops after `patience` measurements without a gain."""
     if steps < 0 or batch_size < 1 or lr <= 0 or pull < 0 or eval_every < 1 or patience < 1:
         raise DistilError(f"Training a static student needs steps >= 0, batch size >= 1, lr > 0, pull >= 0, "
                           f"eval every >= 1 and patience >= 1; got {steps}, {batch_size}, {lr}, {pull}, {eval_every}, "
                           f"{patience}.")
+    if objective == "similarity" and steps and batch_size < 2:
+        raise DistilError("The similarity objective compares pairs of texts within a batch: give --batch-size 2 or "
+                          "more (256 is usual), or --objective cosine.")
     keep = [i for i, x in enumerate(ids) if x]  # a sequence with no text tokens has no student embedding
     if steps and not keep:
         raise DistilError("The training text has no tokens besides the framing. Give text with words in it.")
@@ -391,7 +394,8 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
         teacher_embeddings = sentence_targets(model, sequences, pad_id, token_pooling, dense,
                                               desc="training text through the teacher" if progress else None)
         # cosine: the teacher's vector in the student's space; similarity: as the teacher outputs it
-        targets = (project(teacher_embeddings, mean, components) if objective == "cosine" else teacher_embeddings).float()
+        targets = (project(teacher_embeddings, mean, components) if objective == "cosine"
+                   else teacher_embeddings).float()
         train, heldout = heldout_split(len(sequences), heldout_fraction)
         heldout = [i for i in heldout if student_ids[i]]
         train_ids, train_targets = [student_ids[i] for i in train], targets[train]
