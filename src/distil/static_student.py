@@ -221,9 +221,9 @@ def train_table(table: torch.Tensor, ids: list[list[int]], targets: torch.Tensor
                 eval_every: int = 100, patience: int = 3,
                 objective: str = "cosine") -> tuple[torch.Tensor, list[dict]]:
     """Adam on the table rows against the targets under `objective` (LOSSES), plus `pull` times the pull
-    penalty; batches drawn from a seeded permutation per pass. With held-out texts (ids and the teacher's embeddings of them), their similarity
-    agreement is measured before training and every `eval_every` steps: the best table is returned, and training
-    stops after `patience` measurements without a gain."""
+    penalty; batches drawn from a seeded permutation per pass. With held-out texts (ids and the teacher's
+    embeddings of them), their similarity agreement is measured before training and every `eval_every` steps:
+    the best table is returned, and training stops after `patience` measurements without a gain."""
     if steps < 0 or batch_size < 1 or lr <= 0 or pull < 0 or eval_every < 1 or patience < 1:
         raise DistilError(f"Training a static student needs steps >= 0, batch size >= 1, lr > 0, pull >= 0, "
                           f"eval every >= 1 and patience >= 1; got {steps}, {batch_size}, {lr}, {pull}, {eval_every}, "
