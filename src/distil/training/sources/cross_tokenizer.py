@@ -27,7 +27,7 @@ from distil.cross_tokenizer.retokenize import Retokenizer
 from distil.cross_tokenizer.vocabulary import shared_vocabulary
 from distil.errors import DistilError
 from distil.teacher_signal.signals import DenseSignals
-from distil.training.sources.interface import TeacherOutputs, TeacherRequest
+from distil.training.sources.interface import SingleTeacher, stored_sequences, TeacherOutputs, TeacherRequest
 
 
 def _student_rows(batch) -> list[list[int]]:
@@ -46,7 +46,7 @@ def _carried_rows(kd_rows: torch.Tensor, teacher_position: np.ndarray) -> tuple[
     return position, (position >= 0)[kd_rows]
 
 
-class CrossTokenizerTeacher:
+class CrossTokenizerTeacher(SingleTeacher):
     """A frozen teacher model of another tokenizer, run on each micro-batch's text."""
 
     temperature = None          # logits: softened at the run's temperature by the divergence
@@ -63,14 +63,6 @@ class CrossTokenizerTeacher:
         self.vocab_size = int(vocab_size)  # the teacher tokenizer's ids: padding rows of its output layer are no tokens
         self.retokenizer = Retokenizer(student_tokenizer, teacher_tokenizer)
         self.mapping = shared_vocabulary(teacher_tokenizer, student_tokenizer)
-
-    @property
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
-
-    @property
-    def members(self) -> list:
-        return [(self.name, self)]
 
     def outputs(self, batch, request: TeacherRequest) -> TeacherOutputs:
         if request.hidden or any(request.attention):
@@ -91,7 +83,7 @@ class CrossTokenizerTeacher:
                 f"({self.mapping.shared} of the student's {self.mapping.student_size} tokens shared)")
 
 
-class CrossTokenizerStore:
+class CrossTokenizerStore(SingleTeacher):
     """A store written for a student of another tokenizer: its rows at the student's positions, with the flags of
     the carried ones."""
 
@@ -107,23 +99,12 @@ class CrossTokenizerStore:
         self.temperature = float(store.temperature)
         self.mapping = shared_vocabulary(teacher_tokenizer, student_tokenizer)
 
-    @property
-    def modules(self) -> list[torch.nn.Module]:
-        return []
-
-    @property
-    def members(self) -> list:
-        return [(self.name, self)]
-
     def outputs(self, batch, request: TeacherRequest) -> TeacherOutputs:
         if request.kd_rows is None:
             return TeacherOutputs()
-        if batch.sequence_ids is None:
-            raise DistilError("A teacher-signal store is read by each batch's sequence indices, and this batch has "
-                              "none (held-out batches have no stored signals). Build training batches with "
-                              "build_step(..., indices=...).")
+        sequences = stored_sequences(batch).tolist()
         real = batch.attention_mask.bool()
-        sequences, counts = batch.sequence_ids.tolist(), real.sum(dim=1).tolist()
+        counts = real.sum(dim=1).tolist()
         targets = self.store.targets(sequences, counts, device=batch.input_ids.device)
         flags = torch.as_tensor(self.store.carried(sequences, counts), device=real.device)   # per real position
         kd = request.kd_rows[real]

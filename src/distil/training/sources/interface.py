@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from distil.errors import DistilError
+
 from distil.teacher_signal.signals import Signals
 from distil.training.attention_capture import Captured
 from distil.training.model_outputs import HiddenStates
@@ -59,3 +61,28 @@ class TeacherSource(Protocol):
     def outputs(self, batch, request: TeacherRequest) -> TeacherOutputs: ...
 
     def describe(self) -> str: ...
+
+
+class SingleTeacher:
+    """What a source of one teacher (not a mixture) says of itself: it is its own only member, and the models it runs
+    are its `model`, if any."""
+
+    name: str
+    model: torch.nn.Module | None = None
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model] if self.model is not None else []
+
+    @property
+    def members(self) -> list[tuple[str, "TeacherSource"]]:
+        return [(self.name, self)]
+
+
+def stored_sequences(batch) -> torch.Tensor:
+    """The prepared-data indices of a batch's rows, by which a teacher-signal store is read."""
+    if batch.sequence_ids is None:
+        raise DistilError("A teacher-signal store is read by each batch's sequence indices, and this batch has "
+                          "none (held-out batches have no stored signals). Build training batches with "
+                          "build_step(..., indices=...).")
+    return batch.sequence_ids

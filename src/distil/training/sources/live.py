@@ -17,10 +17,10 @@ from distil.teacher_signal.signals import DenseSignals
 from distil.training.attention_capture import captured_attention
 from distil.training.fused_head import projection_replaced, teacher_head
 from distil.training.model_outputs import final_norm_of, forward
-from distil.training.sources.interface import TeacherOutputs, TeacherRequest
+from distil.training.sources.interface import SingleTeacher, TeacherOutputs, TeacherRequest
 
 
-class LiveTeacher:
+class LiveTeacher(SingleTeacher):
     """A frozen teacher model, run without gradients on each micro-batch."""
 
     temperature = None          # logits: softened at the run's temperature by the divergence
@@ -37,14 +37,6 @@ class LiveTeacher:
         self.name = name
         self.config = model.config
         self.norm = final_norm_of(model)
-
-    @property
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.model]
-
-    @property
-    def members(self) -> list:
-        return [(self.name, self)]
 
     @torch.no_grad()  # no_grad, not inference_mode: the signals feed the loss, whose backward saves them
     def outputs(self, batch, request: TeacherRequest) -> TeacherOutputs:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from distil.errors import DistilError
 from distil.training.model_outputs import HiddenStates
-from distil.training.sources.interface import TeacherOutputs, TeacherRequest
+from distil.training.sources.interface import SingleTeacher, stored_sequences, TeacherOutputs, TeacherRequest
 
 
-class StoreTeacher:
+class StoreTeacher(SingleTeacher):
     """The signals a store holds for a batch's sequences, aligned to its real positions."""
 
     has_head = True
@@ -30,21 +29,10 @@ class StoreTeacher:
         self.sampled = int(store.sampled)
         self.k = int(store.k)
 
-    @property
-    def modules(self) -> list[torch.nn.Module]:
-        return []
-
-    @property
-    def members(self) -> list:
-        return [(self.name, self)]
-
     def outputs(self, batch, request: TeacherRequest) -> TeacherOutputs:
-        if batch.sequence_ids is None:
-            raise DistilError("A teacher-signal store is read by each batch's sequence indices, and this batch has "
-                              "none (held-out batches have no stored signals). Build training batches with "
-                              "build_step(..., indices=...).")
+        sequences = stored_sequences(batch).tolist()
         real = batch.attention_mask.bool()
-        targets = self.store.targets(batch.sequence_ids.tolist(), real.sum(dim=1).tolist(), want_hidden=request.hidden,
+        targets = self.store.targets(sequences, real.sum(dim=1).tolist(), want_hidden=request.hidden,
                                      device=batch.input_ids.device)
         stored_hidden, targets.hidden = targets.hidden, None
         signals = None
