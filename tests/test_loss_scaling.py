@@ -57,7 +57,7 @@ def _scaled_steps(acc, parallel, rank: int, world: int, max_grad_norm: float, po
     student = tiny_llama(num_layers=2, seed=5).train()
     reference = copy.deepcopy(student)
     ids = torch.randint(3, VOCAB_SIZE, (2 * world, 10), generator=torch.Generator().manual_seed(0))
-    models = SimpleNamespace(student=student, teacher=student)
+    models = SimpleNamespace(student=student, teacher_models=[student])
     module, optimizer = parallel.prepare(models, student, lambda m: torch.optim.SGD(m.parameters(), lr=LR))
     if not parallel.sharded:
         acc.native_amp = True  # as on a GPU, for unscaling; set after prepare so the forward stays float32
@@ -127,7 +127,7 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
         parallel = _parallel(acc, fsdp=True)
         parallel.config.run.mixed_precision = "fp16"
         student = tiny_llama(num_layers=2, seed=5)
-        module, _ = parallel.prepare(SimpleNamespace(student=student, teacher=student), student,
+        module, _ = parallel.prepare(SimpleNamespace(student=student, teacher_models=[student]), student,
                                      lambda m: torch.optim.SGD(m.parameters(), lr=LR))
         assert module(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == torch.float32
     finally:
