@@ -219,16 +219,22 @@ def test_embedding_metrics_cli_flags_reach_evaluate(monkeypatch):
             seen["knn_k"]) == ("p.tsv", "beir", ["a.csv", "b.csv"], ["STSBenchmark", "SciFact"], 5, 3)
 
 
-def test_embedding_metrics_demo_retrieval_task_is_paragraph_halves(tmp_path):
+def test_embedding_metrics_demo_retrieval_task_is_a_sentence_and_its_paragraph(tmp_path):
+    import re
+
     from distil.demo import write_retrieval_task
 
     write_retrieval_task(REPO / "data/demo/heldout.txt.gz", tmp_path / "beir", queries=50)
     task = load_retrieval(tmp_path / "beir")
-    assert len(task.queries) == len(task.corpus) == 50
-    assert task.relevance == [{i: 1.0} for i in range(50)]
     with gzip.open(REPO / "data/demo/heldout.txt.gz", "rt", encoding="utf-8") as lines:
-        first = next(line.split() for line in lines if len(line.split()) >= 40)
-    assert task.queries[0] + " " + task.corpus[0] == " ".join(first)
+        paragraphs = [line.strip() for line in lines if len(line.split()) >= 40][:50]
+    split = [re.split(r"(?<=[.!?])\s+", p) for p in paragraphs]
+    kept = [s for s in split if len(s) >= 3]
+    assert 0 < len(task.queries) == len(task.corpus) == len(kept) <= 50
+    assert task.relevance == [{i: 1.0} for i in range(len(kept))]
+    middle = len(kept[0]) // 2   # the middle sentence is the query; the paragraph without it the passage
+    assert task.queries[0] == kept[0][middle]
+    assert task.corpus[0] == " ".join(kept[0][:middle] + kept[0][middle + 1:])
 
 
 def test_embedding_metrics_report_draws_scatter_and_bars(tmp_path):

@@ -6,6 +6,8 @@ minutes with hidden-state losses -> compare teacher, the student before distilla
 
 from __future__ import annotations
 
+import re
+
 import logging
 import time
 from pathlib import Path
@@ -39,28 +41,36 @@ def _unfinished_demo(out: Path) -> bool:
 
 RETRIEVAL_QUERIES = 200
 RETRIEVAL_MIN_WORDS = 40
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def write_retrieval_task(heldout: Path, directory: Path, queries: int = RETRIEVAL_QUERIES) -> None:
-    """A retrieval task from held-out paragraphs, in the BEIR layout `distil evaluate --retrieval` reads: the
-    first half of a paragraph is the query, its second half the one relevant passage among the second halves of
-    all the others. No model saw the held-out text, so finding the continuation is a fair test."""
+    """A retrieval task from held-out paragraphs of three sentences or more, in the BEIR layout `distil evaluate
+    --retrieval` reads: the middle sentence of a paragraph is the query, the rest of that paragraph the one relevant
+    passage among the rests of all the others (taken from the first `queries` paragraphs of 40 words or more). No
+    model saw the held-out text. Finding a sentence's own paragraph separates the models (teacher, trained student,
+    copied layers, in that order in the demo) where matching a paragraph's two halves did not."""
     import gzip
     import json
 
     from distil.outputs import atomic_output_dir
 
     with gzip.open(heldout, "rt", encoding="utf-8") as lines:
-        paragraphs = [line.split() for line in lines if len(line.split()) >= RETRIEVAL_MIN_WORDS][:queries]
-    halves = [(words[: len(words) // 2], words[len(words) // 2:]) for words in paragraphs]
+        paragraphs = [line.strip() for line in lines if len(line.split()) >= RETRIEVAL_MIN_WORDS][:queries]
+    pairs = []
+    for paragraph in paragraphs:
+        sentences = SENTENCE_END.split(paragraph)
+        if len(sentences) >= 3:
+            middle = len(sentences) // 2
+            pairs.append((sentences[middle], " ".join(sentences[:middle] + sentences[middle + 1:])))
     with atomic_output_dir(directory, overwrite=True, command="demo-task") as tmp:  # a demo tree holds only distil's
-        (tmp / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": " ".join(first)}) + "\n"
-                                                   for i, (first, _) in enumerate(halves)), encoding="utf-8")
-        (tmp / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"p{i}", "text": " ".join(second)}) + "\n"
-                                                  for i, (_, second) in enumerate(halves)), encoding="utf-8")
+        (tmp / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": query}) + "\n"
+                                                   for i, (query, _) in enumerate(pairs)), encoding="utf-8")
+        (tmp / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"p{i}", "text": passage}) + "\n"
+                                                  for i, (_, passage) in enumerate(pairs)), encoding="utf-8")
         (tmp / "qrels").mkdir()
         (tmp / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-            f"q{i}\tp{i}\t1\n" for i in range(len(halves))), encoding="utf-8")
+            f"q{i}\tp{i}\t1\n" for i in range(len(pairs))), encoding="utf-8")
 
 
 def run_demo(output_dir: str = "demo-output", overwrite: bool = False, steps: int | None = None) -> dict:
