@@ -6,9 +6,8 @@ minutes with hidden-state losses -> compare teacher, the student before distilla
 
 from __future__ import annotations
 
-import re
-
 import logging
+import re
 import time
 from pathlib import Path
 
