@@ -16,7 +16,6 @@ from distil.loading import load_tokenizer, vocab_size_of
 log = logging.getLogger(__name__)
 
 
-CROSS_DIVERGENCES = ("uld", "hybrid")   # distil.cross_tokenizer.divergence.CROSS_VOCABULARY_DIVERGENCES
 CROSS_HINT = ("To distil a student of another tokenizer (data prepared with the student's tokenizer, which the "
               "student directory holds, e.g. from distil init-student --tokenizer OTHER --transplant-vocabulary), set "
               "loss.divergence=hybrid or uld: the teacher then reads the text with its own tokenizer and the two are "

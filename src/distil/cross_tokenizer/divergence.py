@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from distil.cross_tokenizer import CROSS_VOCABULARY_DIVERGENCES
 from distil.cross_tokenizer.losses import hybrid_sparse_parts_sum, hybrid_sum, uld_sparse_sum, uld_sum
 from distil.cross_tokenizer.vocabulary import VocabularyMapping
 from distil.teacher_signal.divergences import Divergence
 from distil.teacher_signal.signals import DenseSignals, Signals, SparseSignals
-
-CROSS_VOCABULARY_DIVERGENCES = ("uld", "hybrid")
 
 
 @dataclass

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from distil.checks import CROSS_DIVERGENCES, check_cross_tokenizer_run, check_data_matches_tokenizer, check_vocabularies
+from distil.checks import check_cross_tokenizer_run, check_data_matches_tokenizer, check_vocabularies
 from distil.config import TrainConfig
+from distil.cross_tokenizer import CROSS_VOCABULARY_DIVERGENCES
 from distil.errors import DistilError
 from distil.loading import load_config, load_model, vocab_size_of
 from distil.model_kinds import auto_class, learned_position_limit, resolve_objective
@@ -89,7 +90,7 @@ def load_models(config: TrainConfig, student_dir: str, device: torch.device) -> 
     if record_path is not None and record_path.exists():
         init_record = json.loads(record_path.read_text(encoding="utf-8"))
 
-    if loss.divergence in CROSS_DIVERGENCES:
+    if loss.divergence in CROSS_VOCABULARY_DIVERGENCES:
         # A teacher of another tokenizer (training.sources.cross_tokenizer): the data, the logit terms and the
         # saved student are the student's own tokenizer's.
         tokenizer = check_cross_tokenizer_run(config, objective, tokenizer, student_dir)
@@ -149,16 +150,25 @@ def override_dropout(model_config, value: float | None) -> dict:
     return original
 
 
-def check_positions(models: Models, longest: int, config: TrainConfig) -> None:
-    """Sequences longer than a model's position table fail inside the first forward; say so before it."""
+def too_short_for(models: Models, longest: int) -> tuple[str, int] | None:
+    """(teacher or student, its position count) of the first model whose learned position table is shorter than
+    `longest` tokens, or None when every model takes them."""
     for who, model in [("teacher", t) for t in models.teacher_models] + [("student", models.student)]:
         limit = learned_position_limit(model)
         if limit is not None and longest > limit:
-            raise DistilError(
-                f"The data in {config.data.path} holds sequences of up to {longest} tokens, but the {who} has "
-                f"positions for {limit}. Set data.max_length={limit} (sequences are shortened inside their framing), "
-                f"or prepare the data again with --max-length {limit}."
-            )
+            return who, limit
+    return None
+
+
+def check_positions(models: Models, longest: int, config: TrainConfig) -> None:
+    """Sequences longer than a model's position table fail inside the first forward; say so before it."""
+    if (short := too_short_for(models, longest)) is not None:
+        who, limit = short
+        raise DistilError(
+            f"The data in {config.data.path} holds sequences of up to {longest} tokens, but the {who} has "
+            f"positions for {limit}. Set data.max_length={limit} (sequences are shortened inside their framing), "
+            f"or prepare the data again with --max-length {limit}."
+        )
 
 
 def layer_pairs(config: TrainConfig, student_config, teacher_config, init_record: dict | None) -> list[tuple[int, int]]:
@@ -207,7 +217,7 @@ def student_projection(config: TrainConfig, models, spec) -> torch.nn.Module | N
     """The student's output layer when the output-layer engine can stand in for it (run.fused_head), else None."""
     if not (config.run.fused_head and spec.needs_logits):
         return None
-    if spec.divergence in CROSS_DIVERGENCES:
+    if spec.divergence in CROSS_VOCABULARY_DIVERGENCES:
         log.info("loss.divergence=%s compares two vocabularies, which the output-layer engine's closed forms do not: "
                  "the student's logits are built whole (the plain path) despite run.fused_head.", spec.divergence)
         return None

@@ -239,13 +239,12 @@ def check(config, models, spec) -> None:
             "loss.on_policy_fraction is set but the recipe has no soft-target term: on-policy steps distil the "
             "teacher's distribution on the student's own tokens. Set loss.alpha_ce (or loss.alpha_mse) > 0."
         )
-    from distil.model_kinds import learned_position_limit
+    from distil.training.models import too_short_for
 
     longest = config.loss.on_policy_prefix + config.loss.on_policy_max_new_tokens
-    for who, model in [("teacher", t) for t in models.teacher_models] + [("student", models.student)]:
-        limit = learned_position_limit(model)
-        if limit is not None and longest > limit:
-            raise DistilError(
-                f"On-policy rows hold up to loss.on_policy_prefix + loss.on_policy_max_new_tokens = {longest} "
-                f"tokens, but the {who} has positions for {limit}. Lower them so that they add up to {limit} or less."
-            )
+    if (short := too_short_for(models, longest)) is not None:
+        who, limit = short
+        raise DistilError(
+            f"On-policy rows hold up to loss.on_policy_prefix + loss.on_policy_max_new_tokens = {longest} "
+            f"tokens, but the {who} has positions for {limit}. Lower them so that they add up to {limit} or less."
+        )

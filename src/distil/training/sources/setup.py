@@ -16,7 +16,7 @@ from distil.model_kinds import auto_class, head_missing
 from distil.teacher_cache import format as fmt
 from distil.teacher_cache.reader import TeacherStore
 from distil.training.fused_head import output_projection
-from distil.cross_tokenizer.divergence import CROSS_VOCABULARY_DIVERGENCES
+from distil.cross_tokenizer import CROSS_VOCABULARY_DIVERGENCES
 from distil.training.sources.cross_tokenizer import CrossTokenizerStore, CrossTokenizerTeacher
 from distil.training.sources.live import LiveTeacher
 from distil.training.sources.mixture import TeacherMixture
