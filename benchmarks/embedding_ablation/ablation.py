@@ -1,7 +1,7 @@
 """The sentence-embedding ablation of benchmarks/RETENTION.md: cases from real labelled text, scores of one model.
 
 Usage (run.sh drives it):
-    python ablation.py cases OUT_DIR BIBLE_DIR DATA_HELDOUT     build the cases (fixed seeds) into OUT_DIR
+    python ablation.py cases OUT_DIR BIBLE_DIR DATA_HELDOUT [DOCS_HELDOUT]   build the cases (fixed seeds)
     python ablation.py score CASES_DIR MODEL_DIR OUT_JSON         embed every case with MODEL_DIR, score it
     python ablation.py speed OUT_JSON NAME=MODEL_DIR ...          CPU speed in interleaved rounds
     python ablation.py table RESULTS_DIR                          the markdown table of RETENTION.md
@@ -14,6 +14,8 @@ Cases (all text real, nothing trained on it):
   (k = 10, cosine, majority vote) accuracy on frozen embeddings.
 - similarity: 1,000 held-out Austen sentences (Persuasion, 8 words or more); Spearman correlation between the teacher's and the model's pairwise
   cosine similarities (all 499,500 pairs): how much of the embedding geometry survives.
+- docs (only when DOCS_HELDOUT is given: held-out paragraphs of the broad training text's kind): 1,000 paragraphs;
+  the same Spearman, and neighbour agreement (how many of the teacher's 10 nearest neighbours the model finds).
 Every score is computed by distil's own metrics (distil.evaluation.embedding_metrics), the ones `distil evaluate`
 reports, so the benchmark and the product measure alike.
 A model is embedded with distil's own encode (sentence_embeddings.encode): its sentence-transformers pooling, or
@@ -66,7 +68,7 @@ def _overlap(a: str, b: str) -> float:
     return len(x & y) / max(1, len(x | y))
 
 
-def make_cases(out: Path, bible: Path, heldout: Path) -> None:
+def make_cases(out: Path, bible: Path, heldout: Path, docs: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     kjv, web = _verses(bible / "engKJV2006eb.imp"), _verses(bible / "engWEB2015eb.imp")
     shared = sorted(r for r in kjv.keys() & web.keys() if len(kjv[r].split()) >= 6)
@@ -99,6 +101,10 @@ def make_cases(out: Path, bible: Path, heldout: Path) -> None:
         passages = [s for line in fh for s in re.split(r"(?<=[.!?])\s+", line.strip()) if len(s.split()) >= 8]
     chosen = sorted(np.random.default_rng(2).choice(len(passages), N_PASSAGES, replace=False))
     _dump(out / "passages.json", [passages[i] for i in chosen])
+    if docs is not None:
+        paragraphs = [line.strip() for line in docs.read_text(encoding="utf-8").splitlines() if len(line.split()) >= 8]
+        picked_docs = sorted(np.random.default_rng(3).choice(len(paragraphs), N_PASSAGES, replace=False))
+        _dump(out / "docs.json", [paragraphs[i] for i in picked_docs])
     print(f"cases: {len(picked)} verse pairs (of {len(hard)} below {HARD_OVERLAP} overlap, {len(shared)} in all), tweets {dict(Counter(unique[i][1] for i in test))} "
           f"in test, {len(chosen)} passages (of {len(passages)})")
 
@@ -129,12 +135,22 @@ def score(cases: Path, model_dir: str, out: Path, teacher_embeddings: Path | Non
     result["tweets_knn_accuracy"] = knn["accuracy"]
 
     passages = _embed(model_dir, json.loads((cases / "passages.json").read_text(encoding="utf-8"))).numpy()
-    if teacher_embeddings is not None and teacher_embeddings.exists():
-        reference = np.load(teacher_embeddings, allow_pickle=False)
-        result["similarity_spearman"] = embedding_metrics.similarity_agreement(passages, reference)
-    else:  # this is the teacher: keep its embeddings for the others
+    is_teacher = teacher_embeddings is None or not teacher_embeddings.exists()
+    if is_teacher:  # keep its embeddings for the others
         np.save(out.with_suffix(".embeddings.npy"), passages)
         result["similarity_spearman"] = 1.0
+    else:
+        reference = np.load(teacher_embeddings, allow_pickle=False)
+        result["similarity_spearman"] = embedding_metrics.similarity_agreement(passages, reference)
+    if (cases / "docs.json").exists():
+        docs = _embed(model_dir, json.loads((cases / "docs.json").read_text(encoding="utf-8"))).numpy()
+        if is_teacher:
+            np.save(out.with_suffix(".docs.npy"), docs)
+            result["docs_similarity_spearman"] = result["docs_neighbours_at_10"] = 1.0
+        else:  # the teacher's docs embeddings sit beside its passage embeddings
+            reference = np.load(str(teacher_embeddings).replace(".embeddings.npy", ".docs.npy"), allow_pickle=False)
+            result["docs_similarity_spearman"] = embedding_metrics.similarity_agreement(docs, reference)
+            result["docs_neighbours_at_10"] = embedding_metrics.neighbour_agreement(docs, reference, k=K)
     result["model"] = model_dir
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result))
@@ -159,26 +175,28 @@ def speed(out: Path, named: list[str]) -> None:
 
 
 METRICS = (("bible_recall_at_1", "Bible recall@1"), ("bible_mrr", "Bible MRR"),
-           ("tweets_knn_accuracy", "tweets kNN acc."), ("similarity_spearman", "similarity Spearman"))
+           ("tweets_knn_accuracy", "tweets kNN acc."), ("similarity_spearman", "similarity Spearman"),
+           ("docs_neighbours_at_10", "docs 10-NN agreement"), ("docs_similarity_spearman", "docs similarity Spearman"))
 
 
 def table(results: Path) -> None:
     teacher = json.loads((results / "teacher.json").read_text(encoding="utf-8"))
+    metrics = [(key, label) for key, label in METRICS if key in teacher]
     groups: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*.json")):
         if path.stem in ("teacher", "speed"):
             continue
         groups.setdefault(path.stem.split("@")[0], []).append(json.loads(path.read_text(encoding="utf-8")))
-    header = "| student | seeds | " + " | ".join(label for _, label in METRICS) + " |"
+    header = "| student | seeds | " + " | ".join(label for _, label in metrics) + " |"
     print(header)
-    print("|" + "---|" * (2 + len(METRICS)))
-    print("| teacher | - | " + " | ".join(f"{teacher[k]:.4f}" for k, _ in METRICS) + " |")
+    print("|" + "---|" * (2 + len(metrics)))
+    print("| teacher | - | " + " | ".join(f"{teacher[k]:.4f}" for k, _ in metrics) + " |")
     for name, rows in groups.items():
         cells = []
-        for key, _ in METRICS:
+        for key, _ in metrics:
             values = np.array([r[key] for r in rows])
             spread = f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
-            ratio = "" if key == "similarity_spearman" else f" ({values.mean() / teacher[key]:.1%})"
+            ratio = "" if "spearman" in key else f" ({values.mean() / teacher[key]:.1%})"
             cells.append(f"{values.mean():.4f}{spread}{ratio}")
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
 
@@ -186,7 +204,7 @@ def table(results: Path) -> None:
 def main() -> None:
     command, args = sys.argv[1], sys.argv[2:]
     if command == "cases":
-        make_cases(Path(args[0]), Path(args[1]), Path(args[2]))
+        make_cases(Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]) if len(args) > 3 else None)
     elif command == "score":
         score(Path(args[0]), args[1], Path(args[2]), Path(args[3]) if len(args) > 3 else None)
     elif command == "speed":

