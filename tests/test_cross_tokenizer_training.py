@@ -202,6 +202,29 @@ def test_cross_tokenizer_train_end_to_end_and_store_equals_live(pair):
         assert abs(a["loss_clm"] - b["loss_clm"]) <= 1e-5 * max(1.0, abs(a["loss_clm"])), (a, b)
 
 
+@pytest.mark.parametrize("store_format", ["float16", "compact", "packed", "packed4"])
+def test_cross_tokenizer_store_in_every_format(pair, store_format):
+    """A store for a student of another tokenizer leaves the rows of positions without a teacher row empty; in
+    every format (the packed ones included, whose empty rows are no valid code) only the carried rows are decoded,
+    and the losses match the float32 store of the same top-k up to the format's quantisation."""
+    from distil.teacher_cache.writer import cache_teacher
+
+    root, teacher, student, data = pair
+    losses = {}
+    for fmt in ("float32", store_format):
+        store = root / f"store-{fmt}"
+        if (store / "manifest.json").exists():   # the float32 reference, written once for the module's pair
+            losses[fmt] = [r["loss_ce"] for r in read_metrics(root / f"stored-{fmt}") if r["split"] == "train"]
+            continue
+        cache_teacher(str(teacher), str(data), str(store), top_k=8, temperature=T, store_format=fmt,
+                      student_tokenizer=str(student), progress=False)
+        run(root, f"stored-{fmt}", teacher, student, data, teacher_section={"cache": str(store)})
+        losses[fmt] = [r["loss_ce"] for r in read_metrics(root / f"stored-{fmt}") if r["split"] == "train"]
+    assert len(losses[store_format]) == 3
+    for a, b in zip(losses["float32"], losses[store_format]):
+        assert abs(a - b) <= 2e-2 * abs(a), (store_format, losses)
+
+
 def test_cross_tokenizer_refusals_say_why(pair):
     root, teacher, student, data = pair
     with pytest.raises(DistilError, match="loss.divergence=hybrid or uld"):

@@ -55,7 +55,7 @@ train_row() {
     fi
     stamp "done $name seed $seed"
 }
-export R HERE DISTIL EXTRA
+export R HERE DISTIL EXTRA LLM T
 run_rows train_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi
 models=("teacher=$T" "transplanted=$R/student-gpt2")

@@ -106,9 +106,11 @@ class TeacherStore:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
     def targets(self, sequences: list[int], counts: list[int], want_hidden: bool = False,
-                device: torch.device | None = None) -> SparseSignals:
+                device: torch.device | None = None, keep: np.ndarray | None = None) -> SparseSignals:
         """The sparse targets of the first counts[i] positions of each of `sequences`, rows concatenated in order
-        (the row-major order of a right-padded batch's real positions)."""
+        (the row-major order of a right-padded batch's real positions); only the rows where `keep` (one bool per
+        such row) is true when given. Rows are chosen before decoding: a store for a student of another tokenizer
+        leaves the rows of uncarried positions empty, which no packed format decodes."""
         pieces: dict[str, list] = {}
         for sequence, count in zip(sequences, counts):
             shard, rows = self.rows_of(int(sequence), int(count))
@@ -116,6 +118,8 @@ class TeacherStore:
                 if name not in ("offsets", fmt.CARRIED, *fmt.MASK_ARRAYS) and (name != "hidden" or want_hidden):
                     pieces.setdefault(name, []).append(np.asarray(array[rows]))
         arrays = {name: np.concatenate(parts) for name, parts in pieces.items()}
+        if keep is not None:
+            arrays = {name: array[keep] for name, array in arrays.items()}
         if not arrays:  # no rows at all
             arrays = {name: np.zeros((0, *shape), dtype) for name, (shape, dtype) in self.layout.arrays().items()}
         return sparse_targets(arrays, self.layout, want_hidden, device)

@@ -105,11 +105,10 @@ class CrossTokenizerStore(SingleTeacher):
         sequences = stored_sequences(batch).tolist()
         real = batch.attention_mask.bool()
         counts = real.sum(dim=1).tolist()
-        targets = self.store.targets(sequences, counts, device=batch.input_ids.device)
         flags = torch.as_tensor(self.store.carried(sequences, counts), device=real.device)   # per real position
         kd = request.kd_rows[real]
-        carried = flags[kd]
-        return TeacherOutputs(signals=AlignedSignals(carried, targets.rows(kd & flags), self.mapping))
+        targets = self.store.targets(sequences, counts, device=batch.input_ids.device, keep=(kd & flags).cpu().numpy())
+        return TeacherOutputs(signals=AlignedSignals(flags[kd], targets, self.mapping))
 
     def describe(self) -> str:
         return (f"{self.name}: signals read from the store {getattr(self.store, 'root', '')} written for a student "
