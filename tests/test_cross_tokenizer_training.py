@@ -242,6 +242,23 @@ def test_cross_tokenizer_refusals_say_why(pair):
         train(load_config(recipe))
 
 
+def test_cross_tokenizer_teacher_position_limit_is_checked():
+    """A teacher with a learned position table shorter than its own tokenization of a student row: refused before
+    the forward (which would index past the table), with the length to prepare instead; a row that fits runs."""
+    student_tok, teacher_tok = metaspace_teacher_tokenizer(), byte_level_student_tokenizer()   # a longer teacher
+    retokenizer = Retokenizer(student_tok, teacher_tok)
+    row = student_tok("w10 w11 w12 w13 w14 w15 w16 w17", add_special_tokens=False)["input_ids"]
+    teacher_length = len(retokenizer([row])[0][0])
+    assert teacher_length > len(row)            # the start-up check, on the student's length, would let it pass
+    config = GPT2Config(vocab_size=len(teacher_tok), n_embd=16, n_layer=1, n_head=2, n_positions=teacher_length - 1)
+    with pytest.raises(DistilError, match=f"into {teacher_length} tokens, but the teacher has positions for "
+                                          f"{teacher_length - 1}"):
+        retokenizer.teacher_logits(GPT2LMHeadModel(config).eval(), [row], len(teacher_tok), "cpu")
+    config.n_positions = teacher_length
+    logits, _ = retokenizer.teacher_logits(GPT2LMHeadModel(config).eval(), [row], len(teacher_tok), "cpu")
+    assert logits.shape == (1, teacher_length, len(teacher_tok))
+
+
 def test_cross_tokenizer_slow_tokenizer_is_refused():
     class Slow:
         is_fast = False

@@ -17,6 +17,8 @@ import torch
 
 from distil.cross_tokenizer.alignment import (NO_BOUNDARY, Alignment, align_boundaries, boundaries_from_offsets,
                                               check_has_offsets, token_boundaries)
+from distil.errors import DistilError
+from distil.model_kinds import learned_position_limit
 
 
 def _prefix_offsets(tokenizer, ids: list[int]) -> tuple[str, np.ndarray]:
@@ -69,8 +71,18 @@ class Retokenizer:
         position of each student position (B, Ls), -1 where none): what the live source hands on and the store
         keeps, computed here once for both."""
         teacher_ids, alignment = self(rows)
-        pad = self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
         longest = max((len(r) for r in teacher_ids), default=0)
+        limit = learned_position_limit(model)
+        if limit is not None and longest > limit:
+            # The start-up check sees the student's lengths only; the teacher's tokenization of the same text can be
+            # longer, and a learned position table has no row past its end.
+            student = max((len(r) for r in rows), default=0)
+            raise DistilError(
+                f"The teacher's tokenizer turns a row of {student} student tokens into {longest} tokens, but the "
+                f"teacher has positions for {limit}. Shorten the student's rows so that the teacher's tokenization "
+                f"fits: set data.max_length (or prepare the data again with --max-length) to about "
+                f"{max(1, student * limit // longest)}.")
+        pad = self.teacher.pad_token_id if self.teacher.pad_token_id is not None else self.teacher.eos_token_id
         ids = torch.full((len(teacher_ids), max(longest, 1)), int(pad or 0), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, part in enumerate(teacher_ids):
