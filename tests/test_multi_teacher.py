@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from distil.errors import DistilError
 from distil.teacher_cache.signals import sparse_signals
-from distil.teacher_signal.signals import DenseSignals, SparseSignals
+from distil.teacher_signal.signals import DenseSignals, MixedSignals, SparseSignals
 from distil.training.batches import build_step
 from distil.training.fused_head import output_projection
 from distil.training.objective import Objective, TermSpec
+from distil.training.sources.interface import TeacherRequest
 from distil.training.sources.live import LiveTeacher
 from distil.training.sources.mixture import TeacherMixture, mix_signals
 from distil.training.sources.store import StoreTeacher
@@ -132,6 +133,31 @@ def test_multi_teacher_two_different_teachers_equal_the_float64_mixture_loss(mod
     assert got[0].item() == pytest.approx(want.item(), rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(got[1][name].double(), g.double(), rtol=1e-4, atol=1e-6 * max(1.0, g.abs().max().item()))
+
+
+def test_multi_teacher_live_mixture_is_mixed_chunk_by_chunk(models, monkeypatch):
+    """Live teachers on the fused path hand on their output layer's input: the mixture of them stays so, and the
+    engine mixes each chunk of rows as it projects it. No member's logits of all rows are ever built (the plain
+    `teacher_logits` is made to fail), and the loss equals the float64 mixture's (the test above)."""
+    first, second, student = models
+    batch, spec = _batch(), _spec({"ce": 1.0})
+    mixed = _mixture([LiveTeacher(first, output_projection(first)), LiveTeacher(second, output_projection(second))],
+                     [1.0, 3.0], [1.5, T])
+    signals = mixed.outputs(batch, TeacherRequest(kd_rows=batch.attention_mask.bool())).signals
+    assert isinstance(signals, MixedSignals) and all(m.logits is None for m in signals.members)
+    whole = signals.teacher_logits()
+    for start in range(0, signals.rows_count, 7):   # any chunk of rows mixes to the same rows of the whole
+        rows = slice(start, min(signals.rows_count, start + 7))
+        chunk = signals.rows(rows).logits_into(torch.empty(rows.stop - start, VOCAB_SIZE))
+        torch.testing.assert_close(chunk, whole[rows].float(), rtol=1e-5, atol=1e-5)
+    plain = _loss_and_grads(Objective(spec, mixed, student), student, batch)
+
+    def refuse(self):
+        raise AssertionError("a member's logits of every row were built")
+
+    monkeypatch.setattr(DenseSignals, "teacher_logits", refuse)
+    fused = _loss_and_grads(Objective(spec, mixed, student, output_projection(student)), student, batch)
+    _assert_same(fused, plain, rel=1e-5)
 
 
 def test_multi_teacher_sparse_mixture_is_exact_on_full_stores_and_sums_to_one():

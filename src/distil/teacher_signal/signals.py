@@ -3,6 +3,9 @@
 - `DenseSignals`: the teacher's whole output distribution, as logits (N, V), or as the states that enter its
   output layer (N, H) with that layer (`TeacherHead`), so that the output-layer engine projects them chunk by chunk
   and no (N x V) tensor is ever built;
+- `MixedSignals`: several teachers' dense signals mixed in probability space, m = sum_i w_i softmax(z_i / T_i),
+  as the logits T log m; computed row chunk by row chunk like any dense signal, so a mixture of live teachers
+  keeps the engine's memory bound;
 - `SparseSignals`: the teacher's top-k token ids and log-probabilities at the temperature, the log of the mass
   outside them (the rest), and optionally tokens drawn from the rest with their log-probabilities and importance
   weights (what a teacher-signal store keeps).
@@ -14,6 +17,7 @@ divergences of distil.teacher_signal.divergences and the engine take either form
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Union
 
@@ -75,6 +79,56 @@ class DenseSignals:
 
 
 @dataclass
+class MixedSignals(DenseSignals):
+    """Dense members mixed per row in probability space: the logits T log(sum_i w_i softmax(z_i / T_i)), with
+    weights w_i summing to 1 and T the run's temperature (the divergence softens teacher logits at T, and
+    softmax(T log m / T) = m: the student is compared with the mixture itself). Nothing is computed until asked:
+    `logits_into` mixes the members' logits of the rows asked for, chunk by chunk in the engine."""
+
+    members: tuple = ()                     # DenseSignals, one per teacher, each with the same rows
+    weights: tuple = ()
+    temperatures: tuple = ()
+    run_temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.members or len(self.members) != len(self.weights) or len(self.weights) != len(self.temperatures):
+            raise ValueError("MixedSignals needs one weight and one temperature per member")
+        if abs(sum(self.weights) - 1.0) > 1e-6 or min(self.weights) <= 0:
+            raise ValueError("MixedSignals' weights are positive and sum to 1")
+
+    @property
+    def rows_count(self) -> int:
+        return self.members[0].rows_count
+
+    def rows(self, index) -> "MixedSignals":
+        return replace(self, members=tuple(m.rows(index) for m in self.members),
+                       hidden=self.hidden[index] if self.hidden is not None else None)
+
+    @torch.no_grad()   # a target: nothing is differentiated through the teachers
+    def _mix_(self, out: Tensor, member_logits) -> Tensor:
+        """out <- T log sum_i w_i softmax(z_i / T_i), z_i = member_logits(i, buffer) (one (rows, V) buffer reused)."""
+        buffer = None
+        for i, (weight, temperature) in enumerate(zip(self.weights, self.temperatures)):
+            z = member_logits(i, out if i == 0 else buffer)
+            term = torch.log_softmax(z / temperature, dim=-1).add_(math.log(weight))
+            if i == 0:
+                out.copy_(term)
+                buffer = torch.empty_like(out)
+            else:
+                torch.logaddexp(out, term, out=out)
+        return out.mul_(self.run_temperature)
+
+    def logits_into(self, out: Tensor) -> Tensor:
+        return self._mix_(out, lambda i, buffer: self.members[i].logits_into(buffer))
+
+    def teacher_logits(self) -> Tensor:
+        logits = [m.teacher_logits() for m in self.members]
+        dtype = torch.promote_types(logits[0].dtype, torch.float32)
+        out = torch.empty(logits[0].shape, dtype=dtype, device=logits[0].device)
+        return self._mix_(out, lambda i, _buffer: logits[i].to(dtype))
+
+
+@dataclass
 class SparseSignals:
     """The teacher's sparse distribution at N rows."""
 
@@ -100,4 +154,4 @@ class SparseSignals:
                                 for f in fields(self)})
 
 
-Signals = Union[DenseSignals, SparseSignals]
+Signals = Union[DenseSignals, SparseSignals]   # MixedSignals is a DenseSignals

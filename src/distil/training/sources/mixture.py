@@ -8,8 +8,10 @@ mixture, prod_i p_i^(w_i) renormalised: it sharpens where the teachers agree and
 sure of almost no probability when another rules it out.)
 
 The mixed signal is handed to the engine in the form its divergences already take, so nothing below changes:
-- every member dense (live teachers): DenseSignals with logits T * log m, T the run's temperature. The divergence
-  softens teacher logits at T, and softmax(T log m / T) = m: the student is compared with m itself.
+- every member dense (live teachers): MixedSignals, a dense signal whose logits are T * log m, T the run's
+  temperature (distil.teacher_signal.signals). The divergence softens teacher logits at T, and
+  softmax(T log m / T) = m: the student is compared with m itself. It is mixed only when the engine asks for a
+  chunk of rows, so live teachers handing on their output layer's input keep the fused path's memory bound.
 - any member sparse (a store): SparseSignals over the union of the members' top ids (a dense member contributes
   its own top ids, as many as the largest store keeps), with m at each and the rest mass sum_i w_i R_i. A dense
   member's probabilities are exact everywhere. A store knows its top-k and its rest mass R_i only, so at a union id
@@ -26,12 +28,11 @@ hidden states and attention are what the mixture returns.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from distil.teacher_signal.signals import LOG_FLOOR, DenseSignals, Signals, SparseSignals
+from distil.teacher_signal.signals import LOG_FLOOR, DenseSignals, MixedSignals, Signals, SparseSignals
 from distil.training.sources.interface import TeacherOutputs, TeacherRequest
 
 
@@ -103,12 +104,9 @@ def mix_signals(parts: list[Signals], weights: list[float], temperatures: list[f
     if len(kept) == 1 and kept[0][2] == run_temperature:
         return kept[0][0]
     parts, weights, temperatures = (list(x) for x in zip(*kept))
-    if all(isinstance(p, DenseSignals) for p in parts):
-        dtype = torch.promote_types(parts[0].teacher_logits().dtype, torch.float32)
-        log_m = torch.stack([math.log(w) + _log_probs(p, t, dtype)
-                             for p, w, t in zip(parts, weights, temperatures)]).logsumexp(dim=0)
-        # softmax(T log m / T) = m: the divergence, which softens teacher logits at T, compares with m itself.
-        return DenseSignals(logits=run_temperature * log_m)
+    if all(isinstance(p, DenseSignals) for p in parts):   # mixed when the engine asks, chunk by chunk
+        return MixedSignals(members=tuple(parts), weights=tuple(weights), temperatures=tuple(temperatures),
+                            run_temperature=run_temperature)
     return _sparse_mixture(parts, weights, temperatures, vocab_size)
 
 
