@@ -187,7 +187,12 @@ def test_cross_tokenizer_train_end_to_end_and_store_equals_live(pair):
     live = [r for r in read_metrics(root / "live") if r["split"] == "train"]
     assert summary["steps"] == 3 and [r["step"] for r in live] == [1, 2, 3]
     assert all(math.isfinite(r["loss_ce"]) and r["loss_ce"] > 0 for r in live)
-    assert "student_clm" in summary["heldout"]
+    heldout = summary["heldout"]
+    assert "student_clm" in heldout
+    # The live teacher speaks about the held-out text too: the run's divergence by name, and no teacher LM loss
+    # (its predictions are over its own tokens, not the student's labels).
+    assert heldout["divergence"] == "hybrid" and math.isfinite(heldout["kd"]) and heldout["kd"] > 0
+    assert not any(key.startswith("teacher_") for key in heldout)
     saved = PreTrainedTokenizerFast.from_pretrained(root / "live" / "student")
     assert saved.get_vocab() == PreTrainedTokenizerFast.from_pretrained(student).get_vocab()
 

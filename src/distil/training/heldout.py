@@ -69,7 +69,7 @@ def evaluate_heldout(acc, objective: Objective, student: torch.nn.Module, heldou
     representation = tuple(t for t in HIDDEN_TERMS + SENTENCE_TERMS + ATTENTION_TERMS
                            if t in spec.weights and with_teacher)
     members = source.members if len(source.members) > 1 and with_teacher and spec.needs_teacher_logits else []
-    own_teachers = [(name, m) for name, m in source.members if m.temperature is None] \
+    own_teachers = [(name, m) for name, m in source.members if m.temperature is None and m.own_vocabulary] \
         if with_teacher and spec.needs_teacher_logits else []
     teacher_names = ["teacher_" + own_name + (f"_{name}" if len(source.members) > 1 else "")
                      for name, _ in own_teachers]

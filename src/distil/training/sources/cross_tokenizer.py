@@ -12,7 +12,9 @@ prepared data, and keeps one row per student position with a flag for the carrie
 same AlignedSignals, sparse (top-k + rest), which equal the live ones when k is the teacher's vocabulary.
 
 The teacher's hidden states and self-attention sit at its own positions, which the student's do not share: such
-terms are refused at start-up (training.sources.setup), and held-out evaluation reports the student's own loss.
+terms are refused at start-up (training.sources.setup). Held-out evaluation reports the live teacher's divergence
+(kd, by the run's divergence) beside the student's own loss, and no teacher LM loss: the teacher's predictions are
+over its own tokens (`distil evaluate` compares the two by bits per byte).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class CrossTokenizerTeacher(SingleTeacher):
 
     temperature = None          # logits: softened at the run's temperature by the divergence
     hidden_states = None        # at the teacher's own positions: not offered
-    covers_heldout = False      # held-out evaluation gives the student's own loss (evaluate: bits per byte)
+    covers_heldout = True       # held-out kd: the run's divergence against the teacher on the held-out text
+    own_vocabulary = False      # no teacher LM loss on the student's labels
     has_head = True
 
     def __init__(self, model: torch.nn.Module, teacher_tokenizer, student_tokenizer, vocab_size: int,
@@ -89,6 +92,7 @@ class CrossTokenizerStore(SingleTeacher):
 
     hidden_states = None
     covers_heldout = False
+    own_vocabulary = False
     has_head = True
     model = None
 

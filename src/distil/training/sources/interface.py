@@ -40,7 +40,9 @@ class TeacherSource(Protocol):
     `temperature`: the temperature its signals were written at, or None when they are logits that the divergence
     softens at the run's temperature. `hidden_states`: "all" (every block), "last" (the last hidden state only) or
     None. `has_head`: whether it gives an output distribution at all. `covers_heldout`: whether it can speak about
-    the held-out split (a store holds the train split only). `model`: the model run in this process for
+    the held-out split (a store holds the train split only). `own_vocabulary`: whether its logits are over the
+student's vocabulary, so that its own LM loss on the student's labels means something (not so for a teacher of
+another tokenizer). `model`: the model run in this process for
     self-attention terms and position limits, or None. `modules`: every model it runs (for sharding and memory
     accounting). `members`: (name, source) of a mixture's teachers; a single source lists itself."""
 
@@ -50,6 +52,7 @@ class TeacherSource(Protocol):
     hidden_states: str | None
     has_head: bool
     covers_heldout: bool
+    own_vocabulary: bool
     model: torch.nn.Module | None
 
     @property
@@ -69,6 +72,7 @@ class SingleTeacher:
 
     name: str
     model: torch.nn.Module | None = None
+    own_vocabulary = True
 
     @property
     def modules(self) -> list[torch.nn.Module]:

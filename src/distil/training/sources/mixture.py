@@ -128,6 +128,7 @@ class TeacherMixture:
         self.hidden_states = reference.hidden_states
         self.temperature = None
         self.covers_heldout = all(s.covers_heldout for s in self.sources)
+        self.own_vocabulary = all(s.own_vocabulary for s in self.sources)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
