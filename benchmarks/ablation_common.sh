@@ -28,3 +28,18 @@ run_rows() {
     xargs -r -P "$JOBS" -L 1 bash -c "$function"' "$@"' _ < "$jobs_file"
     rm -f "$jobs_file"
 }
+
+# train_distil_row NAME SEED OVERRIDE...: one `distil train` of RECIPE into $R/runs/NAME@SEED with the overrides
+# ROW_BASE (words: the paths every row shares), the row's own, then EXTRA (a scale-down for a small machine, last so
+# it wins); skipped when finished. A failure is logged and the other rows go on. Export R DISTIL RECIPE ROW_BASE EXTRA.
+train_distil_row() {
+    local name=$1 seed=$2; shift 2
+    local run=$R/runs/$name@$seed
+    if [[ ! -f $run/student/config.json ]]; then
+        stamp "train $name seed $seed"
+        # shellcheck disable=SC2086  # ROW_BASE and EXTRA are lists of words
+        nice -n 5 "$DISTIL" train "$RECIPE" $ROW_BASE "run.output_dir=$run" "run.seed=$seed" "$@" ${EXTRA:-} \
+            > "$R/logs/$name@$seed.log" 2>&1 || { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }
+    fi
+    stamp "done $name seed $seed"
+}

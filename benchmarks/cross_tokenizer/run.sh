@@ -44,19 +44,9 @@ declare -A ROWS=(
     [same-tokenizer-kl]="student.path=$R/student-same data.path=$R/data-teacher loss.alpha_clm=1 loss.alpha_ce=1 loss.divergence=forward_kl"
 )
 mkdir -p "$R/logs"
-train_row() {
-    local name=$1 seed=$2; shift 2
-    local run=$R/runs/$name@$seed
-    if [[ ! -f $run/student/config.json ]]; then
-        stamp "train $name seed $seed"
-        nice -n 5 "$DISTIL" train "$LLM/recipe.yaml" "teacher.path=$T" "student.path=$R/student-gpt2" \
-            "data.path=$R/data-student" "run.output_dir=$run" "run.seed=$seed" "$@" ${EXTRA:-} > "$R/logs/$name@$seed.log" 2>&1 ||
-            { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }
-    fi
-    stamp "done $name seed $seed"
-}
-export R HERE DISTIL EXTRA LLM T
-run_rows train_row
+RECIPE="$LLM/recipe.yaml" ROW_BASE="teacher.path=$T student.path=$R/student-gpt2 data.path=$R/data-student"
+export R DISTIL RECIPE ROW_BASE EXTRA
+run_rows train_distil_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi
 models=("teacher=$T" "transplanted=$R/student-gpt2")
 for run in "$R"/runs/*; do models+=("$(basename "$run")=$run/student"); done

@@ -57,19 +57,9 @@ for spec in ${STORE_FORMATS:-}; do
     ROWS[$name]="loss.alpha_ce=1 loss.divergence=forward_kl teacher.cache=$R/$name"
 done
 mkdir -p "$R/logs"
-train_row() {
-    local name=$1 seed=$2; shift 2
-    local run=$R/runs/$name@$seed
-    if [[ ! -f $run/student/config.json ]]; then
-        stamp "train $name seed $seed"
-        nice -n 5 "$DISTIL" train "$HERE/recipe.yaml" "teacher.path=$R/smollm2-teacher" "student.path=$R/student-init" \
-            "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "$@" ${EXTRA:-} > "$R/logs/$name@$seed.log" 2>&1 ||
-            { stamp "FAILED $name seed $seed: see $R/logs/$name@$seed.log"; return 0; }  # the other rows go on
-    fi
-    stamp "done $name seed $seed"
-}
-export R HERE DISTIL EXTRA
-run_rows train_row
+RECIPE="$HERE/recipe.yaml" ROW_BASE="teacher.path=$R/smollm2-teacher student.path=$R/student-init data.path=$R/data"
+export R DISTIL RECIPE ROW_BASE EXTRA
+run_rows train_distil_row
 if [[ ${SCORE:-1} == 0 ]]; then exit 0; fi  # SCORE=0: train only (rows split over several calls)
 models=("teacher=$T" "copied=$R/student-init" "pruned-copied=$R/student-pruned")
 for run in "$R"/runs/*; do models+=("$(basename "$run")=$run/student"); done
