@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from train_fixtures import (bert_workspace, free_port, launch, prepared_data, subprocess_env, teacher_dir,
@@ -87,6 +88,39 @@ def test_fsdp_two_processes_equal_one_process_and_ddp(root, family, teacher_mode
     assert "FSDP: student" + (" and teacher" if teacher_mode == "shard" else "") + " sharded over 2" in result.stderr
     assert_same(root / f"{family}-1x8", root / f"{family}-fsdp-2x4", KEYS[family])
     assert_same(root / f"{family}-ddp-2x4", root / f"{family}-fsdp-2x4", KEYS[family])
+
+
+@pytest.mark.parametrize("teacher_mode", ["shard", "replicate"])
+def test_fsdp_multi_teacher_two_processes_equal_one_process(root, teacher_mode):
+    """Two live teachers mixed (weights 1 and 3, the second at its own temperature) under FSDP, every teacher
+    sharded or replicated: the same per-step losses as one process, and the same student."""
+    _, first, data = workspace(root, "llama")
+    second = teacher_dir(root / "second", "llama", num_layers=2, seed=9)
+    loss = {"alpha_ce": 5.0, "alpha_mlm": 0.0, "alpha_clm": 2.0, "alpha_cos": 1.0, "hidden_teacher": "wide"}
+    teachers = [{"path": str(first), "weight": 1.0, "name": "wide"},
+                {"path": str(second), "weight": 3.0, "temperature": 1.5, "name": "small"}]
+    student = root / "multi-student"
+    if not (student / "config.json").exists():
+        from distil.student import init_student
+
+        init_student(str(first), str(student), layers=None, num_layers=2)
+
+    def mixed(name, batch, **run):
+        path = write_recipe(root / f"{name}.yaml", first, data, root / name, data={"batch_size": batch}, loss=loss,
+                            optim=COMMON["optim"], run={**COMMON["run"], **run})
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values.pop("teacher")
+        values["teachers"] = teachers
+        values["student"] = {"path": str(student)}
+        path.write_text(yaml.safe_dump(values), encoding="utf-8")
+        return path
+
+    one = root / "multi-1x8"
+    if not (one / "student" / "model.safetensors").exists():
+        run_ok([mixed("multi-1x8", 8)], 1)
+    result = run_ok([mixed(f"multi-fsdp-{teacher_mode}", 4, fsdp=True), f"teacher.fsdp={teacher_mode}"], 2)
+    assert "FSDP: student" in result.stderr
+    assert_same(one, root / f"multi-fsdp-{teacher_mode}", KEYS["llama"])
 
 
 def test_fsdp_sigkill_then_resume_gives_the_same_losses_and_reshards_to_one_process(root):
