@@ -360,9 +360,9 @@ def static_student(teacher: str, output_dir: str, data: list[str] | None = None,
     vectors = vocabulary_vectors(model, tokenizer, vocab_size, token_pooling, dense, progress=progress)
     excluded = excluded_rows(tokenizer, vocab_size, exclude_tokens)
     kept_rows = ~excluded
-    mean, components = pca_basis(vectors[kept_rows], dim)
-    centred = vectors[kept_rows] - mean
-    kept = float(project(vectors[kept_rows], mean, components).var(dim=0).sum() / centred.var(dim=0).sum())
+    kept_vectors = vectors[kept_rows]
+    mean, components = pca_basis(kept_vectors, dim)
+    kept = float(project(kept_vectors, mean, components).var(dim=0).sum() / (kept_vectors - mean).var(dim=0).sum())
     log.info("static-student: %d entries left out (never reached by text); PCA %d -> %d keeps %.1f%% of the "
              "variance", int(excluded.sum()), vectors.shape[1], dim, 100 * kept)
 

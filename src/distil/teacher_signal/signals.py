@@ -106,26 +106,25 @@ class MixedSignals(DenseSignals):
 
     @torch.no_grad()   # a target: nothing is differentiated through the teachers
     def _mix_(self, out: Tensor, member_logits) -> Tensor:
-        """out <- T log sum_i w_i softmax(z_i / T_i), z_i = member_logits(i, buffer) (one (rows, V) buffer reused)."""
-        buffer = None
+        """out <- T log sum_i w_i softmax(z_i / T_i), z_i = member_logits(i); member 0's may be written into out."""
         for i, (weight, temperature) in enumerate(zip(self.weights, self.temperatures)):
-            z = member_logits(i, out if i == 0 else buffer)
-            term = torch.log_softmax(z / temperature, dim=-1).add_(math.log(weight))
+            term = torch.log_softmax(member_logits(i) / temperature, dim=-1).add_(math.log(weight))
             if i == 0:
                 out.copy_(term)
-                buffer = torch.empty_like(out)
             else:
                 torch.logaddexp(out, term, out=out)
         return out.mul_(self.run_temperature)
 
     def logits_into(self, out: Tensor) -> Tensor:
-        return self._mix_(out, lambda i, buffer: self.members[i].logits_into(buffer))
+        # One (rows, V) buffer for the members after the first, whose logits cannot go into the running sum.
+        buffer = torch.empty_like(out) if len(self.members) > 1 else None
+        return self._mix_(out, lambda i: self.members[i].logits_into(out if i == 0 else buffer))
 
     def teacher_logits(self) -> Tensor:
         logits = [m.teacher_logits() for m in self.members]
         dtype = torch.promote_types(logits[0].dtype, torch.float32)
         out = torch.empty(logits[0].shape, dtype=dtype, device=logits[0].device)
-        return self._mix_(out, lambda i, _buffer: logits[i].to(dtype))
+        return self._mix_(out, lambda i: logits[i].to(dtype))
 
 
 @dataclass

@@ -28,7 +28,6 @@ hidden states and attention are what the mixture returns.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
